@@ -1,0 +1,149 @@
+"""The `trafficwatch` command: argument parsing only, then one library call per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from trafficwatch import services
+from trafficwatch.config import ConfigError, load_settings
+
+
+def _cmd_feed(args: argparse.Namespace) -> int:
+    from trafficwatch import feed
+
+    config = feed.FeedConfig(
+        port=args.port,
+        files=tuple(args.files),
+        base=args.base,
+        interval_s=args.interval,
+        speed=args.speed,
+        start=args.start,
+        seed=args.seed,
+        fault=args.fault,
+        fault_count=args.fault_count,
+        retry_after_s=args.retry_after,
+        slow_s=args.slow_seconds,
+    )
+    feed.serve(config)
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from trafficwatch import landing
+
+    settings = load_settings()
+    try:
+        result = landing.ingest(settings)
+    except landing.IngestError as error:
+        print(f"ingest failed: {error}", file=sys.stderr)
+        return 1
+    print(result.summary(settings.bucket))
+    return 0
+
+
+def _service(name: str) -> services.Service:
+    settings = load_settings()
+    if name == "s3":
+        port = int(os.environ.get("TRAFFICWATCH_S3_PORT", "8333"))
+        return services.local_s3(settings.home / "s3", port, settings.bucket)
+    if name == "feed":
+        port = int(os.environ.get("TRAFFICWATCH_FEED_PORT", "8090"))
+        return services.feed(port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
+    if name == "airflow":
+        return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
+    raise ConfigError(f"unknown service {name!r}")
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    home = load_settings().home
+    if args.action == "stop":
+        stopped = services.stop(home, args.name)
+        print(f"{args.name}: {'stopped' if stopped else 'was not running'}")
+        return 0
+    if args.action == "status":
+        pid = services.running_pid(home, args.name)
+        print(f"{args.name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+        return 0 if pid else 3
+    service = _service(args.name)
+    try:
+        pid = services.start(service, home)
+    except RuntimeError as error:
+        print(f"{args.name}: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: running, pid {pid}, {service.url}")
+    return 0
+
+
+def _iso(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trafficwatch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    feed = commands.add_parser(
+        "feed",
+        help="serve the Opendatasoft API locally from snapshot files or a simulator",
+        description="Serve the three Rennes traffic endpoints (exports, records, v1) on 127.0.0.1, from "
+        "snapshot files given in order (one per upstream interval) or, without files, from a simulator "
+        "evolving a real base snapshot. Control: GET /_feed/state, POST /_feed/advance, POST /_feed/fault.",
+    )
+    feed.add_argument("files", nargs="*", type=Path, help="exports/json snapshot files, served in order")
+    feed.add_argument("--port", type=int, default=8090, help="port on 127.0.0.1 (default 8090)")
+    feed.add_argument("--base", type=Path, help="simulator base snapshot (default: the packaged real one)")
+    feed.add_argument("--interval", type=float, default=180.0, help="upstream interval, simulated s")
+    feed.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    feed.add_argument("--start", type=_iso, help="simulated start time, ISO 8601 (default: now)")
+    feed.add_argument("--seed", type=int, default=0, help="simulator seed")
+    feed.add_argument("--fault", help="misbehave: http500, http429, slow, truncated, html200, empty, ...")
+    feed.add_argument("--fault-count", type=int, help="misbehave on the next N data requests only")
+    feed.add_argument("--retry-after", type=int, default=2, help="Retry-After seconds for http429")
+    feed.add_argument("--slow-seconds", type=float, default=30.0, help="delay of the slow fault")
+    feed.set_defaults(func=_cmd_feed)
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="fetch the current snapshot once and land it in S3 (exit 0: landed or unchanged)",
+        description="Fetch the current snapshot from TRAFFICWATCH_API_URL in TRAFFICWATCH_API_MODE and land "
+        "it unchanged under raw/ in TRAFFICWATCH_BUCKET, unless that snapshot is already landed. Exit 0 when "
+        "landed or unchanged; exit 1 with a one-line reason otherwise (the bad body goes to quarantine/).",
+    )
+    ingest.set_defaults(func=_cmd_ingest)
+
+    service = commands.add_parser(
+        "service",
+        help="start, stop or check a local background service (s3, feed, airflow)",
+        description="Local services for offline runs, each in its own process group with its pid in "
+        "$TRAFFICWATCH_HOME/run and its log in $TRAFFICWATCH_HOME/logs.",
+    )
+    service.add_argument("action", choices=("start", "stop", "status"))
+    service.add_argument("name", choices=("s3", "feed", "airflow"))
+    service.set_defaults(func=_cmd_service)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Every setting of TrafficWatch, read once from the environment.
+
+The same variables drive the CLI, the DAGs and the tests; `.env.example` documents each one.
+AWS credentials are not read here: boto3 and delta-rs take them from the standard variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASET = "etat-du-trafic-en-temps-reel"
+API_MODES = ("exports", "records", "v1")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed."""
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _int(name: str, default: int) -> int:
+    value = _float(name, default)
+    if value != int(value):
+        raise ConfigError(f"{name}={value!r} is not a whole number")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    bucket: str
+    api_url: str
+    api_mode: str
+    http_timeout_s: float
+    http_attempts: int
+    fetch_budget_s: float
+    s3_endpoint_url: str | None
+    aws_region: str
+
+    @property
+    def raw_uri(self) -> str:
+        return f"s3://{self.bucket}/raw/"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (see `.env.example`)."""
+    mode = os.environ.get("TRAFFICWATCH_API_MODE", "exports").strip().lower()
+    if mode not in API_MODES:
+        raise ConfigError(f"TRAFFICWATCH_API_MODE={mode!r} is not one of {', '.join(API_MODES)}")
+    home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()
+    return Settings(
+        home=home,
+        bucket=os.environ.get("TRAFFICWATCH_BUCKET", "trafficwatch"),
+        api_url=os.environ.get("TRAFFICWATCH_API_URL", "https://data.rennesmetropole.fr").rstrip("/"),
+        api_mode=mode,
+        http_timeout_s=_float("TRAFFICWATCH_HTTP_TIMEOUT", 15.0),
+        http_attempts=_int("TRAFFICWATCH_HTTP_ATTEMPTS", 3),
+        fetch_budget_s=_float("TRAFFICWATCH_FETCH_BUDGET", 40.0),
+        s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        aws_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )

@@ -1,0 +1,165 @@
+"""The raw zone and the quarantine in S3: keys, metadata, "already landed?", and one ingest poll.
+
+A snapshot is landed once, under a key made of its upstream `datetime` in UTC:
+
+    raw/date=2024-08-26/20240826T104300Z.json.gz
+
+The object is the payload exactly as received, gzip-compressed, with its lineage in S3 metadata.
+The put is conditional (`If-None-Match: *`), so two pollers racing on one snapshot land it once and
+nothing landed is ever overwritten. Payloads that cannot be used go to `quarantine/` with the reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import botocore.exceptions
+
+from trafficwatch import storage
+from trafficwatch.config import Settings
+from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SourceError
+
+log = logging.getLogger(__name__)
+
+RAW_PREFIX = "raw/"
+QUARANTINE_PREFIX = "quarantine/"
+RAW_SUFFIX = ".json.gz"
+
+
+@dataclass(frozen=True)
+class LandingResult:
+    status: str  # "landed" or "unchanged"
+    key: str
+    measured_at: datetime
+    record_count: int | None = None
+    sha256: str | None = None
+
+    @property
+    def landed(self) -> bool:
+        return self.status == "landed"
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {"key": self.key, "measured_at": self.measured_at.isoformat(), "records": self.record_count or 0}
+
+    def summary(self, bucket: str) -> str:
+        when = self.measured_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if self.landed:
+            return f"landed snapshot {when}: {self.record_count} records -> s3://{bucket}/{self.key}"
+        return f"unchanged: snapshot {when} is already landed at s3://{bucket}/{self.key}; nothing written"
+
+
+class IngestError(Exception):
+    """A poll that failed. The message is one line; the body, if any, is already in quarantine."""
+
+
+def raw_key(measured_at: datetime) -> str:
+    utc = measured_at.astimezone(UTC)
+    return f"{RAW_PREFIX}date={utc:%Y-%m-%d}/{utc:%Y%m%dT%H%M%SZ}{RAW_SUFFIX}"
+
+
+def measured_at_of(key: str) -> datetime:
+    """The snapshot time a raw key stands for (the inverse of `raw_key`)."""
+    stamp = key.rsplit("/", 1)[-1].removesuffix(RAW_SUFFIX)
+    return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+def is_landed(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def _ascii(value: str, limit: int = 512) -> str:
+    """S3 user metadata must be ASCII and small."""
+    return value.encode("ascii", "replace").decode("ascii")[:limit]
+
+
+def land(s3: Any, bucket: str, fetched: FetchedSnapshot) -> LandingResult:
+    """Write a fetched snapshot to the raw zone unless that upstream snapshot is already there."""
+    snapshot = fetched.snapshot
+    key = raw_key(snapshot.measured_at)
+    if is_landed(s3, bucket, key):  # the usual case between two upstream updates: skip the upload
+        return LandingResult("unchanged", key, snapshot.measured_at)
+    metadata = {
+        "upstream-datetime": _ascii(snapshot.upstream_datetime),
+        "measured-at": snapshot.measured_at.isoformat(),
+        "fetched-at": fetched.fetched_at.isoformat(),
+        "source-url": _ascii(fetched.source_url),
+        "source-mode": fetched.mode,
+        "record-count": str(fetched.record_count),
+        "sha256": fetched.sha256,
+    }
+    try:
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=gzip.compress(fetched.payload, compresslevel=6, mtime=0),
+            ContentType="application/gzip",
+            Metadata=metadata,
+            IfNoneMatch="*",
+        )
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return LandingResult("unchanged", key, snapshot.measured_at)
+        raise
+    return LandingResult("landed", key, snapshot.measured_at, fetched.record_count, fetched.sha256)
+
+
+def quarantine(s3: Any, bucket: str, body: bytes, reason: str, source_url: str, mode: str) -> str:
+    """Keep a payload that could not be used, with the reason and the time, for an operator to inspect."""
+    now = datetime.now(UTC)
+    slug = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")[:40]
+    key = f"{QUARANTINE_PREFIX}date={now:%Y-%m-%d}/{now:%Y%m%dT%H%M%S.%fZ}_{mode}_{slug}.gz"
+    s3.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=gzip.compress(body, mtime=0),
+        ContentType="application/gzip",
+        Metadata={
+            "reason": _ascii(reason, 1024),
+            "quarantined-at": now.isoformat(),
+            "source-url": _ascii(source_url),
+            "source-mode": mode,
+        },
+    )
+    return key
+
+
+def ingest(settings: Settings, s3: Any | None = None, client: Client | None = None) -> LandingResult:
+    """One poll: fetch the current snapshot and land it, or say it is unchanged.
+
+    The CLI (`trafficwatch ingest`) and the `traffic_ingest` DAG both call this. Any failure raises
+    IngestError with a one-line reason, after keeping the received body in quarantine.
+    """
+    s3 = s3 or storage.s3_client(settings)
+    client = client or Client(settings)
+    bucket = settings.bucket
+
+    def already_landed(measured_at: datetime) -> bool:
+        return is_landed(s3, bucket, raw_key(measured_at))
+
+    try:
+        fetched = client.fetch(skip_if=already_landed)
+    except SourceError as error:
+        reason = error.reason
+        if error.body:
+            source_url = settings.api_url
+            key = quarantine(s3, bucket, error.body, reason, source_url, settings.api_mode)
+            reason = f"{reason} (body kept at s3://{bucket}/{key})"
+        log.error("ingest failed: %s", reason)
+        raise IngestError(reason) from None
+    if isinstance(fetched, KnownSnapshot):
+        result = LandingResult("unchanged", raw_key(fetched.measured_at), fetched.measured_at)
+    else:
+        result = land(s3, bucket, fetched)
+    log.info(result.summary(bucket))
+    return result

@@ -1,0 +1,446 @@
+"""The Opendatasoft client for Rennes real-time traffic, and the normalizer of every payload shape.
+
+Three endpoints give the same snapshot in three shapes (see `../shared/docs/rennes-api.md`):
+
+- `exports`: one call, a bare JSON array of v2.1 records;
+- `records`: pages of `{"total_count", "results"}`, at most 100 records each;
+- `v1`: the legacy search API, `{"nhits", "records": [{"fields": {...}}]}` with `[lat, lon]` points,
+  bare geometries and null fields omitted.
+
+The client keeps the bytes it received so landing can store them unchanged; a paged read is kept as a
+JSON array of the page bodies, each byte for byte. `normalize_payload` recognises the shape from the
+content itself, so a landed object needs no side information to be read back.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from trafficwatch.config import DATASET, Settings
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "TrafficWatch/0.1 (open-source road traffic lakehouse; python-requests)"
+PAGE_LIMIT = 100  # the records endpoint refuses more
+PAGING_WINDOW = 10_000  # offset + limit must stay within this
+V1_ROWS = 10_000
+
+EXPORTS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/exports/json"
+RECORDS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/records"
+V1_PATH = "/api/records/1.0/search/"
+
+# Source field -> normalized column. Every column exists in every normalized record (None when the
+# source did not send it, as the pre-2023 schema and v1's omitted nulls do).
+FIELD_MAP: dict[str, str] = {
+    "predefinedlocationreference": "segment_key",
+    "averagevehiclespeed": "speed_kmh",
+    "traveltime": "travel_time_s",
+    "traveltimereliability": "reliability_pct",
+    "trafficstatus": "traffic_status",
+    "vehicleprobemeasurement": "probe_count",
+    "gml_id": "gml_id",
+    "id_rva_troncon_fcd_v1_1": "segment_id",
+    "hierarchie": "hierarchy",
+    "hierarchie_dv": "hierarchy_dv",
+    "denomination": "road_name",
+    "insee": "insee",
+    "sens_circule": "direction",
+    "vitesse_maxi": "speed_limit_kmh",
+    "func_class": "func_class",
+}
+NORMALIZED_COLUMNS: tuple[str, ...] = (
+    "measured_at",
+    *FIELD_MAP.values(),
+    "point_lon",
+    "point_lat",
+    "geometry",
+)
+REQUIRED_FIELDS = ("datetime", "predefinedlocationreference")
+
+
+class SourceError(Exception):
+    """A fetch or a payload that cannot be used. `reason` is one line naming the cause.
+
+    `body` holds the bytes received, when there were any, so the caller can quarantine them.
+    """
+
+    def __init__(self, reason: str, body: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.body = body
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One upstream snapshot, normalized: every record shares `measured_at` (UTC)."""
+
+    measured_at: datetime
+    upstream_datetime: str
+    records: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class KnownSnapshot:
+    """What a paged read returns when its first page shows a snapshot the caller already has."""
+
+    measured_at: datetime
+
+
+@dataclass(frozen=True)
+class FetchedSnapshot:
+    payload: bytes  # exactly what the API sent (paged modes: the page bodies in one JSON array)
+    mode: str
+    source_url: str
+    fetched_at: datetime
+    snapshot: Snapshot
+    requests_made: int = 1
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.payload).hexdigest())
+
+    @property
+    def record_count(self) -> int:
+        return len(self.snapshot.records)
+
+
+# --------------------------------------------------------------------------- normalizing
+
+
+def parse_json(body: bytes, what: str = "payload") -> Any:
+    """Parse JSON bytes; an error names the byte offset, as operators need to find it."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{what} is not UTF-8 (bad byte at {exc.start})", body) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        byte_at = len(text[: exc.pos].encode("utf-8"))
+        raise SourceError(f"invalid JSON at byte {byte_at} of {len(body)}: {exc.msg}", body) from None
+
+
+def _shape_of(document: Any) -> str:
+    """Tell which endpoint produced a parsed payload."""
+    if isinstance(document, dict):
+        if "records" in document and "nhits" in document:
+            return "v1"
+        if "results" in document and "total_count" in document:
+            return "records-page"
+    if isinstance(document, list):
+        if not document:
+            return "exports"
+        first = document[0]
+        if isinstance(first, dict) and "results" in first and "total_count" in first:
+            return "records"
+        if isinstance(first, dict):
+            return "exports"
+    return "unknown"
+
+
+def _describe(document: Any) -> str:
+    if isinstance(document, dict):
+        return f"an object with keys {sorted(document)[:6]}"
+    if isinstance(document, list):
+        return f"an array of {type(document[0]).__name__ if document else 'nothing'}"
+    return f"a JSON {type(document).__name__}"
+
+
+def raw_records(document: Any) -> tuple[list[dict[str, Any]], str, int | None]:
+    """Return the source records of a parsed payload, its shape and the count the API announced."""
+    shape = _shape_of(document)
+    if shape == "exports":
+        return document, shape, None
+    if shape == "records-page":
+        return document["results"], "records", document["total_count"]
+    if shape == "records":
+        totals = {page.get("total_count") for page in document if isinstance(page, dict)}
+        if len(totals) != 1:
+            raise SourceError(f"inconsistent snapshot: pages announce different total_count {sorted(totals)}")
+        records = [record for page in document for record in page.get("results") or []]
+        return records, shape, totals.pop()
+    if shape == "v1":
+        records = []
+        for item in document["records"]:
+            fields = dict(item.get("fields") or {})
+            records.append(fields)
+        return records, shape, document["nhits"]
+    raise SourceError(
+        f"not the expected payload shape: expected an exports array, records pages or a v1 search "
+        f"result, got {_describe(document)}"
+    )
+
+
+def _point(value: Any) -> tuple[float | None, float | None]:
+    """(lon, lat) from `{"lon", "lat"}` (v2.1) or `[lat, lon]` (v1)."""
+    if isinstance(value, dict):
+        return value.get("lon"), value.get("lat")
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return value[1], value[0]
+    return None, None
+
+
+def _geometry(value: Any) -> dict[str, Any] | None:
+    """The bare GeoJSON geometry, unwrapping v2.1's Feature; LineString and MultiLineString kept as sent."""
+    if isinstance(value, dict) and value.get("type") == "Feature":
+        value = value.get("geometry")
+    if isinstance(value, dict) and "type" in value and "coordinates" in value:
+        return value
+    return None
+
+
+def parse_datetime(value: str) -> datetime:
+    """An upstream `datetime` as an aware UTC datetime; a value without offset is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise SourceError(f"unreadable datetime {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def normalize_record(record: dict[str, Any], measured_at: datetime) -> dict[str, Any]:
+    row: dict[str, Any] = {"measured_at": measured_at}
+    for source_name, column in FIELD_MAP.items():
+        row[column] = record.get(source_name)
+    row["point_lon"], row["point_lat"] = _point(record.get("geo_point_2d"))
+    row["geometry"] = _geometry(record.get("geo_shape"))
+    return row
+
+
+def normalize_payload(body: bytes) -> Snapshot:
+    """Parse and check one landed or fetched payload of any shape, and normalize its records.
+
+    Checks the shape, that required fields are there, that every record carries the same upstream
+    `datetime`, and that the announced count (records/v1) matches. Values are not validated here:
+    that is the lake's job, row by row.
+    """
+    document = parse_json(body)
+    records, shape, announced = raw_records(document)
+    if not records:
+        raise SourceError(f"empty snapshot: 0 records in the {shape} payload", body)
+    _check_fields(records, body)
+    datetimes = {record["datetime"] for record in records}
+    if len(datetimes) > 1:
+        shown = ", ".join(sorted(map(str, datetimes))[:3])
+        raise SourceError(f"inconsistent snapshot: {len(datetimes)} different datetime values ({shown})", body)
+    if announced is not None and announced != len(records):
+        raise SourceError(
+            f"record count mismatch: the API announced {announced} records, the payload has {len(records)}",
+            body,
+        )
+    upstream = datetimes.pop()
+    measured_at = parse_datetime(upstream)
+    return Snapshot(
+        measured_at=measured_at,
+        upstream_datetime=upstream,
+        records=[normalize_record(record, measured_at) for record in records],
+    )
+
+
+def _check_fields(records: list[Any], body: bytes) -> None:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SourceError(f"not the expected payload shape: record {index} is not an object", body)
+        missing = [name for name in REQUIRED_FIELDS if record.get(name) in (None, "")]
+        if missing:
+            keys = ", ".join(sorted(record)[:8])
+            raise SourceError(
+                f"not the expected payload shape: record {index} has no {', '.join(missing)} (keys: {keys})",
+                body,
+            )
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _retry_after_s(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _first_line(body: bytes, limit: int = 120) -> str:
+    text = body.decode("utf-8", "replace")
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        text = title.group(1)
+    text = " ".join(text.split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class Client:
+    """Fetches whole snapshots; retries what is worth retrying within a time budget."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self.session = session or requests.Session()
+        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        self.session.headers["User-Agent"] = USER_AGENT
+        self.session.headers["Accept"] = "application/json"
+        self.requests_made = 0
+        self._deadline = 0.0
+
+    # The one public entry point.
+    def fetch(self, skip_if: Callable[[datetime], bool] | None = None) -> FetchedSnapshot | KnownSnapshot:
+        """Fetch the current snapshot in the configured mode.
+
+        `skip_if(measured_at)` lets a paged read stop after its first page when that snapshot is already
+        known (it returns a KnownSnapshot then): an unchanged poll costs one call instead of ~29.
+        """
+        self._deadline = time.monotonic() + self.settings.fetch_budget_s
+        self.requests_made = 0
+        fetched_at = datetime.now(UTC)
+        mode = self.settings.api_mode
+        if mode == "exports":
+            url = self.settings.api_url + EXPORTS_PATH
+            payload = self._get(url, {}).content
+        elif mode == "v1":
+            url = self.settings.api_url + V1_PATH
+            payload = self._get(url, {"dataset": DATASET, "rows": V1_ROWS, "start": 0}).content
+        else:
+            url = self.settings.api_url + RECORDS_PATH
+            pages = self._pages(url, skip_if)
+            if isinstance(pages, KnownSnapshot):
+                return pages
+            payload = b"[" + b",".join(pages) + b"]"
+        snapshot = normalize_payload(payload)
+        log.info(
+            "fetched %d records of snapshot %s in %s mode (%d requests)",
+            len(snapshot.records),
+            snapshot.upstream_datetime,
+            mode,
+            self.requests_made,
+        )
+        return FetchedSnapshot(
+            payload=payload,
+            mode=mode,
+            source_url=url,
+            fetched_at=fetched_at,
+            snapshot=snapshot,
+            requests_made=self.requests_made,
+        )
+
+    def _pages(self, url: str, skip_if: Callable[[datetime], bool] | None) -> list[bytes] | KnownSnapshot:
+        pages: list[bytes] = []
+        offset, total, first_datetime = 0, None, None
+        while total is None or offset < total:
+            if offset + PAGE_LIMIT > PAGING_WINDOW:
+                raise SourceError(
+                    f"records paging cannot read past {PAGING_WINDOW} records (total_count {total}); "
+                    "use TRAFFICWATCH_API_MODE=exports"
+                )
+            params = {"limit": PAGE_LIMIT, "offset": offset, "order_by": "predefinedlocationreference"}
+            response = self._get(url, params)
+            page = parse_json(response.content, f"page at offset {offset}")
+            records, shape, announced = raw_records(page)
+            if shape != "records":
+                raise SourceError(f"not the expected payload shape: page at offset {offset} is not a records page")
+            if total is None:
+                total = announced
+                if records and isinstance(records[0], dict):
+                    first_datetime = records[0].get("datetime")
+                    measured_at = parse_datetime(first_datetime) if first_datetime else None
+                    if skip_if and measured_at and skip_if(measured_at):
+                        log.info("snapshot %s is already landed: stopped after page 1", first_datetime)
+                        return KnownSnapshot(measured_at)
+            elif announced != total:
+                raise SourceError(
+                    f"inconsistent snapshot: total_count changed from {total} to {announced} while paging",
+                    response.content,
+                )
+            pages.append(response.content)
+            if not records:
+                break
+            offset += len(records)
+            self._check_rate_budget(response, pages_left=-(-(total - offset) // PAGE_LIMIT))
+        return pages
+
+    def _check_rate_budget(self, response: requests.Response, pages_left: int) -> None:
+        """Stop a paged read that the quota cannot finish, rather than burn calls on a partial snapshot."""
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        if remaining is None or not remaining.strip().isdigit() or pages_left <= 0:
+            return
+        if int(remaining) < pages_left:
+            reset = response.headers.get("X-RateLimit-Reset", "unknown")
+            raise SourceError(
+                f"rate limit: X-RateLimit-Remaining={remaining} but {pages_left} pages still to read "
+                f"(resets at {reset})"
+            )
+
+    def _get(self, url: str, params: dict[str, Any]) -> requests.Response:
+        attempts = max(1, self.settings.http_attempts)
+        for attempt in range(1, attempts + 1):
+            remaining_s = self._deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise SourceError(f"fetch budget of {self.settings.fetch_budget_s:.0f} s spent before {url}")
+            try:
+                return self._request(url, params, timeout_s=min(self.settings.http_timeout_s, remaining_s))
+            except _Retryable as failure:
+                error, wait_s = failure.error, failure.wait_s
+            if wait_s is None:
+                raise error
+            if attempt == attempts:
+                raise SourceError(f"{error.reason} (after {attempt} attempts)", error.body)
+            if wait_s > self._deadline - time.monotonic():
+                raise SourceError(
+                    f"{error.reason}; the next try in {wait_s:.0f} s would pass the fetch budget", error.body
+                )
+            log.warning("%s; retrying in %.1f s (attempt %d of %d)", error.reason, wait_s, attempt + 1, attempts)
+            time.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    def _request(self, url: str, params: dict[str, Any], timeout_s: float) -> requests.Response:
+        """One GET. Failures raise _Retryable, with the wait before the next try (None: do not retry)."""
+        backoff_s = random.uniform(0.5, 1.0) * min(8.0, 2.0**self.requests_made)  # exponential, jittered
+        self.requests_made += 1
+        try:
+            response = self.session.get(url, params=params, timeout=(min(5.0, timeout_s), timeout_s))
+        except requests.Timeout:
+            raise _Retryable(SourceError(f"timeout after {timeout_s:.0f} s: GET {url}"), backoff_s) from None
+        except requests.ConnectionError as exc:
+            error = SourceError(f"connection failed: GET {url}: {type(exc).__name__}")
+            raise _Retryable(error, backoff_s) from None
+        status = response.status_code
+        if status == 200:
+            content_type = response.headers.get("Content-Type", "")
+            if "json" in content_type.lower():
+                return response
+            error = SourceError(
+                f"not JSON: HTTP 200 with Content-Type {content_type or 'none'} "
+                f"({_first_line(response.content)!r}) from {url}",
+                response.content,
+            )
+            raise _Retryable(error, None)
+        error = SourceError(f"HTTP {status} from {url}: {_first_line(response.content)}", response.content)
+        if status == 429:
+            retry_after = _retry_after_s(response)
+            raise _Retryable(error, backoff_s if retry_after is None else retry_after + random.uniform(0, 0.5))
+        raise _Retryable(error, backoff_s if status >= 500 or status == 408 else None)
+
+
+class _Retryable(Exception):
+    def __init__(self, error: SourceError, wait_s: float | None) -> None:
+        super().__init__(error.reason)
+        self.error = error
+        self.wait_s = wait_s
