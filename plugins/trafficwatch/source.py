@@ -280,10 +280,16 @@ def _retry_after_s(response: requests.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _first_line(body: bytes, limit: int = 120) -> str:
+def _gist(body: bytes, limit: int = 120) -> str:
+    """What an error body says, in one short line: an API's error message or an HTML page's title."""
     text = body.decode("utf-8", "replace")
-    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-    if title:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        text = str(document.get("error") or document.get("message") or text)
+    elif title := re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL):
         text = title.group(1)
     text = " ".join(text.split())
     return text[:limit] + ("..." if len(text) > limit else "")
@@ -406,7 +412,7 @@ class Client:
                 raise SourceError(
                     f"{error.reason}; the next try in {wait_s:.0f} s would pass the fetch budget", error.body
                 )
-            log.warning("%s; retrying in %.1f s (attempt %d of %d)", error.reason, wait_s, attempt + 1, attempts)
+            log.warning("%s; retry %d of %d in %.1f s", error.reason, attempt, attempts - 1, wait_s)
             time.sleep(wait_s)
         raise AssertionError("unreachable")
 
@@ -428,14 +434,18 @@ class Client:
                 return response
             error = SourceError(
                 f"not JSON: HTTP 200 with Content-Type {content_type or 'none'} "
-                f"({_first_line(response.content)!r}) from {url}",
+                f"({_gist(response.content)!r}) from {url}",
                 response.content,
             )
             raise _Retryable(error, None)
-        error = SourceError(f"HTTP {status} from {url}: {_first_line(response.content)}", response.content)
         if status == 429:
             retry_after = _retry_after_s(response)
+            limits = f"Retry-After {response.headers.get('Retry-After', 'absent')}, X-RateLimit-Remaining "
+            limits += response.headers.get("X-RateLimit-Remaining", "absent")
+            reason = f"HTTP 429 rate limited ({limits}) from {url}: {_gist(response.content)}"
+            error = SourceError(reason, response.content)
             raise _Retryable(error, backoff_s if retry_after is None else retry_after + random.uniform(0, 0.5))
+        error = SourceError(f"HTTP {status} from {url}: {_gist(response.content)}", response.content)
         raise _Retryable(error, backoff_s if status >= 500 or status == 408 else None)
 
 

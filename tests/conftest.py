@@ -1,0 +1,130 @@
+"""Fixtures shared by every test: the real snapshot, a real local S3 server, the local feed, settings."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import secrets
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import boto3
+import pytest
+
+from trafficwatch import services
+from trafficwatch.config import Settings, load_settings
+from trafficwatch.feed import FeedConfig, FeedServer, start_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+# Airflow reads its configuration once, at import: point it at a throwaway home before any test imports it.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tw-airflow-")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "trafficwatch" / "data" / "rennes_base_snapshot.json.gz"
+SAMPLE_RECORDS = 2859
+
+
+@pytest.fixture(scope="session")
+def sample_bytes() -> bytes:
+    """The real exports/json response of 2024-08-26 (2,859 records), as the API sent it."""
+    return gzip.decompress(SAMPLE.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def sample_file(tmp_path_factory: pytest.TempPathFactory, sample_bytes: bytes) -> Path:
+    path = tmp_path_factory.mktemp("samples") / "rennes_exports_2024-08-26.json"
+    path.write_bytes(sample_bytes)
+    return path
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block() -> int:
+    """A port P such that P..P+5 and their gRPC twins (+10000) are free, for weed mini."""
+    for _ in range(200):
+        port = random.randrange(20000, 29000, 10)
+        if all(_free(port + i) and _free(port + 10000 + i) for i in range(6)):
+            return port
+    raise RuntimeError("no free block of ports for the local S3 server")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SeaweedFS S3 server for this test session, on free loopback ports, with random keys."""
+    home = tmp_path_factory.mktemp("s3home")
+    keys = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
+    saved = {name: os.environ.get(name) for name in keys}
+    os.environ.update(keys)
+    service = services.local_s3(home / "s3", _free_port_block(), "trafficwatch")
+    services.start(service, home)
+    try:
+        yield service.url
+    finally:
+        services.stop(home, service.name)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_settings(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """Settings pointing at the real local S3 server, with a fresh bucket for this test."""
+    bucket = f"tw-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("TRAFFICWATCH_BUCKET", bucket)
+    monkeypatch.setenv("TRAFFICWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TRAFFICWATCH_HTTP_TIMEOUT", "2")
+    monkeypatch.setenv("TRAFFICWATCH_FETCH_BUDGET", "10")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    return load_settings()
+
+
+def shifted_snapshot(sample_bytes: bytes, minutes: int, path: Path) -> Path:
+    """The sample re-dated `minutes` later: another upstream snapshot with the same segments."""
+    records = json.loads(sample_bytes)
+    moment = datetime.fromisoformat(records[0]["datetime"]) + timedelta(minutes=minutes)
+    for record in records:
+        record["datetime"] = moment.isoformat()
+        record["averagevehiclespeed"] = max(0, record["averagevehiclespeed"] - 1)
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def next_snapshot_file(sample_bytes: bytes, tmp_path: Path) -> Path:
+    return shifted_snapshot(sample_bytes, 3, tmp_path / "rennes_plus_3min.json")
+
+
+@pytest.fixture
+def feed(sample_file: Path, next_snapshot_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FeedServer]:
+    """The feed serving the real sample, then (after `advance()`) the same snapshot 3 minutes later.
+
+    Its clock is slowed to a crawl so only `advance()` moves it.
+    """
+    server = start_in_thread(
+        FeedConfig(port=0, files=(sample_file, next_snapshot_file), speed=1e-6, retry_after_s=1, slow_s=3.0)
+    )
+    monkeypatch.setenv("TRAFFICWATCH_API_URL", server.url)
+    try:
+        yield server
+    finally:
+        server.close()
