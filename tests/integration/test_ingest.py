@@ -43,8 +43,8 @@ def test_ingest_lands_one_object_per_upstream_snapshot(mode, feed, s3_settings, 
     assert list(objects) == ["raw/date=2024-08-26/20240826T104300Z.json.gz"]
     payload = gzip.decompress(objects["raw/date=2024-08-26/20240826T104300Z.json.gz"])
     snapshot = normalize_payload(payload)
-    assert len({row["segment_key"] for row in snapshot.records}) == 2859
-    assert snapshot.records == normalize_payload(sample_bytes).records
+    assert snapshot.frame["segment_key"].n_unique() == 2859
+    assert snapshot.frame.equals(normalize_payload(sample_bytes).frame)
     if mode == "exports":
         with urllib.request.urlopen(feed.url + EXPORTS_PATH) as response:
             assert payload == response.read()  # landed byte for byte as the API sent it

@@ -39,17 +39,21 @@ def sample_records(sample_bytes: bytes) -> list[dict]:
 
 def test_exports_sample_normalizes_to_2859_segments(sample_bytes: bytes) -> None:
     snapshot = normalize_payload(sample_bytes)
-    assert len(snapshot.records) == SAMPLE_RECORDS
-    assert len({row["segment_key"] for row in snapshot.records}) == SAMPLE_RECORDS
+    rows = snapshot.frame.to_dicts()
+    assert snapshot.record_count == SAMPLE_RECORDS
+    assert len({row["segment_key"] for row in rows}) == SAMPLE_RECORDS
     assert snapshot.measured_at == datetime(2024, 8, 26, 10, 43, tzinfo=UTC)
     assert snapshot.upstream_datetime == "2024-08-26T12:43:00+02:00"
-    first = snapshot.records[0]
-    assert set(first) == set(NORMALIZED_COLUMNS)
+    first = rows[0]
+    assert tuple(snapshot.frame.columns) == NORMALIZED_COLUMNS
+    assert (first["record_index"], rows[-1]["record_index"]) == (0, SAMPLE_RECORDS - 1)
     assert first["segment_key"] == "10273_D"
     assert (first["speed_kmh"], first["travel_time_s"], first["reliability_pct"]) == (72, 10, 60)
     assert (first["point_lon"], first["point_lat"]) == (-1.6502152435538264, 48.044792756860865)
-    assert first["geometry"]["type"] == "MultiLineString"
-    statuses = [row["traffic_status"] for row in snapshot.records]
+    geometry = json.loads(first["geometry"])
+    assert geometry["type"] == "MultiLineString"
+    assert geometry["coordinates"][0][0] == [-1.651560961036608, 48.04488583237593]
+    statuses = [row["traffic_status"] for row in rows]
     assert {s: statuses.count(s) for s in set(statuses)} == {
         "freeFlow": 1403,
         "heavy": 737,
@@ -59,9 +63,12 @@ def test_exports_sample_normalizes_to_2859_segments(sample_bytes: bytes) -> None
 
 
 def test_records_pages_and_v1_give_the_same_rows_as_exports(sample_bytes: bytes, sample_records: list[dict]) -> None:
-    exports = normalize_payload(sample_bytes).records
-    assert normalize_payload(_records_pages(sample_records)).records == exports
-    assert normalize_payload(_v1(sample_records)).records == exports
+    exports = normalize_payload(sample_bytes).frame
+    for body in (_records_pages(sample_records), _v1(sample_records)):
+        frame = normalize_payload(body).frame
+        assert frame.drop("geometry").equals(exports.drop("geometry"))
+        parsed = [json.loads(text) for text in frame["geometry"]]
+        assert parsed == [json.loads(text) for text in exports["geometry"]]
 
 
 def test_linestring_geometry_and_missing_optional_fields(sample_records: list[dict]) -> None:
@@ -70,8 +77,8 @@ def test_linestring_geometry_and_missing_optional_fields(sample_records: list[di
     del records[1]["geo_shape"]  # older snapshots had records without geometry
     for name in ("vehicleprobemeasurement", "hierarchie", "vitesse_maxi", "insee"):
         del records[2][name]  # the pre-2023 schema had none of these
-    rows = normalize_payload(json.dumps(records).encode()).records
-    assert rows[0]["geometry"] == {"type": "LineString", "coordinates": [[-1.6, 48.1], [-1.61, 48.11]]}
+    rows = normalize_payload(json.dumps(records).encode()).frame.to_dicts()
+    assert json.loads(rows[0]["geometry"]) == {"type": "LineString", "coordinates": [[-1.6, 48.1], [-1.61, 48.11]]}
     assert rows[1]["geometry"] is None
     assert rows[1]["speed_kmh"] == records[1]["averagevehiclespeed"]
     assert (rows[2]["probe_count"], rows[2]["hierarchy"], rows[2]["speed_limit_kmh"], rows[2]["insee"]) == (
@@ -83,7 +90,7 @@ def test_linestring_geometry_and_missing_optional_fields(sample_records: list[di
 
 
 def test_v1_point_order_is_lat_lon(sample_records: list[dict]) -> None:
-    row = normalize_payload(_v1(sample_records[:1])).records[0]
+    row = normalize_payload(_v1(sample_records[:1])).frame.row(0, named=True)
     assert row["point_lon"] == sample_records[0]["geo_point_2d"]["lon"]
     assert row["point_lat"] == sample_records[0]["geo_point_2d"]["lat"]
     assert row["point_lon"] < 0 < row["point_lat"]  # Rennes: west of Greenwich, north of the equator
