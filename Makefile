@@ -13,6 +13,9 @@ DEMO_FEED_ARGS ?= --interval 60
 
 .PHONY: help install test lint demo up stop status clean-data
 
+# Superset's own environment and bootstrap live beside its configuration.
+include superset/superset.mk
+
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from trafficwatch import services
-from trafficwatch.config import ConfigError, load_settings
+from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
 
 
 def _cmd_feed(args: argparse.Namespace) -> int:
@@ -56,6 +56,8 @@ def _service(name: str) -> services.Service:
         return services.feed(port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
     if name == "airflow":
         return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
+    if name == "superset":
+        return services.superset(int(os.environ.get("TRAFFICWATCH_SUPERSET_PORT", "8088")), REPO_ROOT)
     raise ConfigError(f"unknown service {name!r}")
 
 
@@ -119,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = commands.add_parser(
         "service",
-        help="start, stop or check a local background service (s3, feed, airflow)",
+        help="start, stop or check a local background service (s3, feed, airflow, superset)",
         description="Local services for offline runs, each in its own process group with its pid in "
         "$TRAFFICWATCH_HOME/run and its log in $TRAFFICWATCH_HOME/logs.",
     )
     service.add_argument("action", choices=("start", "stop", "status"))
-    service.add_argument("name", choices=("s3", "feed", "airflow"))
+    service.add_argument("name", choices=("s3", "feed", "airflow", "superset"))
     service.set_defaults(func=_cmd_service)
     return parser
 

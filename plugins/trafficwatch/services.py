@@ -107,6 +107,17 @@ def airflow(port: int) -> Service:
     )
 
 
+def superset(port: int, repo: Path) -> Service:
+    """Superset from its own environment (.venv-superset): its SQLAlchemy pin conflicts with Airflow's."""
+    url = f"http://127.0.0.1:{port}"
+    binary = repo / ".venv-superset" / "bin" / "superset"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: run `make superset-install`")
+    env = {"SUPERSET_CONFIG_PATH": str(repo / "superset" / "superset_config.py"), "FLASK_APP": "superset"}
+    command = [str(binary), "run", "--host", "127.0.0.1", "--port", str(port), "--with-threads"]
+    return Service("superset", command, http_ok(f"{url}/health"), url, env, start_timeout_s=120)
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
