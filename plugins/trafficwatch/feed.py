@@ -469,10 +469,10 @@ def _v1_record(record: dict[str, Any], moment: datetime | None) -> dict[str, Any
         elif key == "geo_shape":
             value = _geometry(value)
         fields[key] = value
-    body = json.dumps(fields, sort_keys=True)
+    identity = "|".join(str(record.get(k)) for k in ("predefinedlocationreference", "gml_id", "datetime"))
     out: dict[str, Any] = {
         "datasetid": DATASET,
-        "recordid": hashlib.sha1(body.encode()).hexdigest(),
+        "recordid": hashlib.sha1(identity.encode()).hexdigest(),  # one id per record and snapshot
         "fields": fields,
     }
     point = record.get("geo_point_2d")
@@ -492,10 +492,12 @@ def render_records(records: Iterable[dict[str, Any]], shape: str, tz: ZoneInfo, 
     out = []
     for record in records:
         rendered = _retime(record, tz)
-        if shape.endswith("-schema"):
-            rendered = _schema_changed(rendered)
         if shape.startswith("v1"):
             rendered = _v1_record(rendered, moment)
+            if shape.endswith("-schema"):
+                rendered["fields"] = _schema_changed(rendered["fields"])
+        elif shape.endswith("-schema"):
+            rendered = _schema_changed(rendered)
         out.append(json.dumps(rendered))
     return out
 
@@ -535,15 +537,14 @@ class FeedServer(ThreadingHTTPServer):
     def __init__(self, config: FeedConfig) -> None:
         if config.interval_s <= 0 or config.speed <= 0:
             raise ValueError("interval_s and speed must be positive")
-        if config.fault is not None and config.fault not in FAULT_MODES:
-            raise ValueError(f"unknown fault mode {config.fault!r}; expected one of {', '.join(FAULT_MODES)}")
         self.config = config
         self.source: FileSource | Simulator = self._make_source(config)
         self._clock_start = time.monotonic()
         self._manual_offset = 0
         self._lock = threading.Lock()
-        self._fault = config.fault
-        self._fault_remaining = config.fault_count
+        self._fault: str | None = None
+        self._fault_remaining: int | None = None
+        self.set_fault(config.fault, config.fault_count)
         self._calls = 0
         self._calls_day = datetime.now(UTC).date()
         self._bodies = _LRU(12)
@@ -586,7 +587,7 @@ class FeedServer(ThreadingHTTPServer):
 
     def set_fault(self, mode: str | None, count: int | None = 1) -> None:
         """Switch a fault on for the next `count` data requests (None = all), or off with None/'none'."""
-        if mode in (None, "none"):
+        if mode in (None, "none") or (count is not None and count <= 0):
             mode, count = None, None
         elif mode not in FAULT_MODES:
             raise ValueError(f"unknown fault mode {mode!r}; expected one of {', '.join(FAULT_MODES)}")
@@ -677,7 +678,9 @@ class FeedServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: FeedServer
     server_version = "TrafficWatchFeed/1.0"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the feed serves many polls a minute."""
@@ -811,7 +814,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(429, body, limited)
             return True
         if fault == "html200":
-            self._send(200, _PROXY_PAGE, HTML_TYPE)
+            self._send(200, _PROXY_PAGE, HTML_TYPE, headers)
             return True
         if fault == "slow":
             self.server.sleep(self.server.config.slow_s)

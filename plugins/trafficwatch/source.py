@@ -44,15 +44,19 @@ RECORDS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/records"
 V1_PATH = "/api/records/1.0/search/"
 
 Scalar = int | float | str | None  # values stay as sent; the lake enforces types row by row
-_NULL = msgspec.Raw(b"null")
+
+
+class _Geometry(msgspec.Struct):
+    type: str
+    coordinates: msgspec.Raw  # kept as JSON text: decoding every float would triple the parse time
 
 
 class _Shape(msgspec.Struct):
-    """`geo_shape`: a GeoJSON Feature (v2.1) or a bare geometry (v1); geometry kept as its JSON text."""
+    """`geo_shape`: a GeoJSON Feature (v2.1) or a bare geometry (v1)."""
 
     type: str | None = None
-    geometry: msgspec.Raw = _NULL
-    coordinates: msgspec.Raw = _NULL
+    geometry: _Geometry | None = None
+    coordinates: msgspec.Raw = msgspec.Raw(b"null")
 
 
 class _Record(msgspec.Struct):
@@ -142,7 +146,8 @@ class Snapshot:
     """One upstream snapshot, normalized: one row per record, all sharing `measured_at` (UTC).
 
     `frame` has NORMALIZED_COLUMNS; values keep the types the API sent (the lake casts and validates),
-    `geometry` is the bare GeoJSON geometry as text, `record_index` the record's position in the payload.
+    `geometry` is the bare GeoJSON geometry as compact text (`{"type":...,"coordinates":...}`), and
+    `record_index` the record's position in the payload.
     """
 
     measured_at: datetime
@@ -293,14 +298,19 @@ def _decode_checked(body: bytes) -> tuple[list[_Record], str, int | None]:
 
 
 def _geometry_text(shape: _Shape | None) -> str | None:
+    """The bare geometry as compact GeoJSON text, the same bytes whichever endpoint sent it."""
     if shape is None:
         return None
     if shape.type == "Feature":
-        text = bytes(shape.geometry).decode()
-        return None if text == "null" else text
-    if shape.type and bytes(shape.coordinates) != b"null":  # v1: the bare geometry
-        return f'{{"type": "{shape.type}", "coordinates": {bytes(shape.coordinates).decode()}}}'
-    return None
+        geometry = shape.geometry
+    elif shape.type and bytes(shape.coordinates) != b"null":  # v1 sends the bare geometry
+        geometry = _Geometry(shape.type, shape.coordinates)
+    else:
+        geometry = None
+    if geometry is None:
+        return None
+    coordinates = bytes(geometry.coordinates).translate(None, b" \t\r\n").decode()  # numbers only: no strings
+    return f'{{"type":"{geometry.type}","coordinates":{coordinates}}}'
 
 
 def _point(value: dict[str, float] | list[float] | None) -> tuple[float | None, float | None]:
@@ -436,7 +446,7 @@ class Client:
         snapshot = normalize_payload(payload)
         log.info(
             "fetched %d records of snapshot %s in %s mode (%d requests)",
-            len(snapshot.records),
+            snapshot.record_count,
             snapshot.upstream_datetime,
             mode,
             self.requests_made,

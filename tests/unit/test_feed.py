@@ -275,6 +275,13 @@ def test_bad_snapshot_files_fail_at_start(tmp_path: Path) -> None:
         make_server(FeedConfig(port=0, files=(wrapped,)))
 
 
+def test_config_is_validated(snapshot_files: tuple[Path, Path]) -> None:
+    with pytest.raises(ValueError, match="unknown fault mode"):
+        make_server(FeedConfig(port=0, files=snapshot_files, fault="teapot"))
+    with pytest.raises(ValueError, match="positive"):
+        make_server(FeedConfig(port=0, files=snapshot_files, interval_s=0))
+
+
 # --------------------------------------------------------------------------------------------------
 # Control endpoints, clock and determinism
 
@@ -333,10 +340,12 @@ def test_same_seed_and_index_render_the_same_bytes_on_two_servers() -> None:
             return [get(server.url + path)[2] for path in paths] + [get(server.url + paths[0])[2]]
         raise AssertionError("unreachable")
 
-    one, two, other = bodies(7), bodies(7), bodies(8)
+    one, two = bodies(7), bodies(7)
     assert one == two
     assert one[0] == one[-1]  # a cached body and its first rendering are the same
-    assert other[0] != one[0]
+    for server in _running(FeedConfig(port=0, start=start, seed=8, speed=FROZEN)):
+        server.advance(3)
+        assert get(server.url + paths[1])[2] != one[1]  # another seed, other traffic
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +393,7 @@ def test_html200(files_feed: FeedServer) -> None:
     assert status == 200
     assert headers["Content-Type"].startswith("text/html")
     assert b"502 Bad Gateway" in body
+    assert "X-RateLimit-Remaining" in headers
     with pytest.raises(json.JSONDecodeError):
         json.loads(body)
 
@@ -404,8 +414,9 @@ def test_schema(files_feed: FeedServer) -> None:
     keys = set(records[0])
     assert {"predefinedLocationReference", "averageVehicleSpeed", "trafficStatus", "dateTime"} <= keys
     assert not keys & {"predefinedlocationreference", "datetime", "averagevehiclespeed", "trafficstatus"}
-    fields = get_json(files_feed.url + V1_PATH)["records"][0]["fields"]
-    assert "trafficStatus" in fields and "trafficstatus" not in fields
+    v1 = get_json(files_feed.url + V1_PATH)["records"][0]
+    assert "trafficStatus" in v1["fields"] and "trafficstatus" not in v1["fields"]
+    assert v1["geometry"]["type"] == "Point"  # the wrapper is intact, the fields changed
 
 
 def test_inconsistent(files_feed: FeedServer) -> None:
@@ -474,11 +485,11 @@ def test_every_fault_mode_is_covered() -> None:
 
 @pytest.fixture(scope="module")
 def weekday() -> dict[str, list[dict[str, Any]]]:
-    """Snapshots of a Monday every 30 minutes, keyed by local time 'HH:MM'."""
+    """Snapshots of a Monday every hour and at 17:30, 22:30, keyed by local time 'HH:MM'."""
     server = make_server(FeedConfig(port=0, start=MONDAY_MIDNIGHT_PARIS, interval_s=1800, speed=FROZEN))
     try:
         day = {}
-        for index in range(48):
+        for index in [*range(0, 48, 2), 35, 45]:
             local = server.source.datetime_at(index).astimezone(PARIS)
             assert local.weekday() == 0
             day[local.strftime("%H:%M")] = server.records_at(index)
@@ -584,16 +595,16 @@ def test_congestion_changes_smoothly_and_together_along_a_road() -> None:
 def test_serve_prints_its_url_and_stops_on_sigterm() -> None:
     code = "from trafficwatch.feed import FeedConfig, serve; serve(FeedConfig(port=0))"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "plugins")}
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        assert line.startswith("feed: serving simulator")
-        url = line.rsplit(" on ", 1)[1]
-        assert url.startswith("http://127.0.0.1:")
-        assert get_json(url + "/health") == {"status": "ok"}
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline().strip()
+            assert line.startswith("feed: serving simulator")
+            url = line.rsplit(" on ", 1)[1]
+            assert url.startswith("http://127.0.0.1:")
+            assert get_json(url + "/health") == {"status": "ok"}
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
