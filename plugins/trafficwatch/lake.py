@@ -1,0 +1,684 @@
+"""Delta tables of the lake: their schemas, row validation, and the exactly-once merge of landed snapshots.
+
+Tables, under `s3://BUCKET/lake/`:
+
+- `traffic_observations`: one row per (segment_key, measured_at), partitioned by `measured_date`;
+- `road_segments`: one row per segment version (valid_from/valid_to), geometry kept as GeoJSON text;
+- `rejected_records`: rows that failed validation, with the reason;
+- `merge_log`: one row per merged raw object, with counts and the Delta versions it produced.
+
+Exactly once: every write is a MERGE on a natural key that only inserts what is missing (or closes a
+segment version that is still open), so replaying any batch after a crash, or racing another merge,
+leaves the same rows. The merge log is written last: an object stays pending until its rows are
+committed everywhere, and a rerun then merges it again harmlessly. Conflicting concurrent commits raise
+CommitFailedError and are retried on the fresh table state.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from trafficwatch import storage
+from trafficwatch.config import Settings
+from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, quarantine
+from trafficwatch.source import SourceError, normalize_payload
+
+log = logging.getLogger(__name__)
+
+LAKE_PREFIX = "lake/"
+APP_ID = "trafficwatch-merge"
+STATUSES = ("freeFlow", "heavy", "congested", "impossible", "unknown")
+SPEED_RANGE_KMH = (0, 200)
+RELIABILITY_RANGE_PCT = (0, 100)
+# Rennes Métropole and a wide margin: a point outside is a broken coordinate, not a far-away road.
+LON_RANGE = (-2.5, -1.0)
+LAT_RANGE = (47.7, 48.5)
+GEOMETRY_TYPES = ("LineString", "MultiLineString")
+COMMIT_ATTEMPTS = 5
+OBJECTS_PER_COMMIT = 720  # ~2 M rows: bounds memory on long backfills
+
+UTC_US = pl.Datetime("us", "UTC")
+
+OBSERVATIONS = "traffic_observations"
+SEGMENTS = "road_segments"
+REJECTED = "rejected_records"
+MERGE_LOG = "merge_log"
+
+SCHEMAS: dict[str, dict[str, pl.DataType]] = {
+    OBSERVATIONS: {
+        "segment_key": pl.String(),
+        "measured_at": UTC_US,
+        "measured_date": pl.Date(),
+        "speed_kmh": pl.Int32(),
+        "travel_time_s": pl.Int32(),
+        "reliability_pct": pl.Int32(),
+        "traffic_status": pl.String(),
+        "probe_count": pl.Int32(),
+        "source_key": pl.String(),
+        "landed_at": UTC_US,
+        "merged_at": UTC_US,
+    },
+    SEGMENTS: {
+        "segment_key": pl.String(),
+        "valid_from": UTC_US,
+        "valid_to": UTC_US,
+        "is_current": pl.Boolean(),
+        "road_name": pl.String(),
+        "hierarchy": pl.String(),
+        "hierarchy_dv": pl.String(),
+        "speed_limit_kmh": pl.Int32(),
+        "insee": pl.Int32(),
+        "direction": pl.String(),
+        "gml_id": pl.String(),
+        "segment_id": pl.Int64(),
+        "func_class": pl.Int32(),
+        "point_lon": pl.Float64(),
+        "point_lat": pl.Float64(),
+        "geometry_type": pl.String(),
+        "geometry_geojson": pl.String(),
+        "length_m": pl.Float64(),
+        "attributes_hash": pl.String(),
+        "source_key": pl.String(),
+    },
+    REJECTED: {
+        "source_key": pl.String(),
+        "record_index": pl.Int32(),
+        "measured_at": UTC_US,
+        "segment_key": pl.String(),
+        "reason": pl.String(),
+        "record_json": pl.String(),
+        "rejected_at": UTC_US,
+    },
+    MERGE_LOG: {
+        "source_key": pl.String(),
+        "measured_at": UTC_US,
+        "landed_at": UTC_US,
+        "merged_at": UTC_US,
+        "batch_id": pl.String(),
+        "record_count": pl.Int32(),
+        "accepted_rows": pl.Int32(),
+        "rejected_rows": pl.Int32(),
+        "duplicate_rows": pl.Int32(),
+        "observations_version": pl.Int64(),
+        "segments_version": pl.Int64(),
+    },
+}
+PARTITIONS = {OBSERVATIONS: ["measured_date"], REJECTED: [], SEGMENTS: [], MERGE_LOG: []}
+# Columns that make a segment version: a change in any of them opens a new version.
+SEGMENT_ATTRIBUTES = (
+    "road_name",
+    "hierarchy",
+    "hierarchy_dv",
+    "speed_limit_kmh",
+    "insee",
+    "direction",
+    "gml_id",
+    "segment_id",
+    "func_class",
+    "point_lon",
+    "point_lat",
+    "geometry_geojson",
+)
+INTEGER_COLUMNS = ("speed_kmh", "travel_time_s", "reliability_pct", "probe_count", "speed_limit_kmh", "insee")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def storage_options(settings: Settings) -> dict[str, str]:
+    """delta-rs object store options; credentials come from the standard AWS variables."""
+    options = {"AWS_REGION": settings.aws_region}
+    if settings.s3_endpoint_url:
+        options["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+        options["AWS_ALLOW_HTTP"] = str(settings.s3_endpoint_url.startswith("http://")).lower()
+    return options
+
+
+def table_uri(settings: Settings, name: str) -> str:
+    return f"s3://{settings.bucket}/{LAKE_PREFIX}{name}"
+
+
+def empty_frame(name: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=SCHEMAS[name])
+
+
+def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
+    """Open every table, creating the missing ones (safe when two processes race to create)."""
+    tables = {}
+    options = storage_options(settings)
+    for name in SCHEMAS:
+        uri = table_uri(settings, name)
+        try:
+            tables[name] = DeltaTable(uri, storage_options=options)
+        except TableNotFoundError:
+            try:
+                tables[name] = DeltaTable.create(
+                    uri,
+                    schema=empty_frame(name).to_arrow().schema,
+                    mode="ignore",
+                    partition_by=PARTITIONS[name] or None,
+                    name=name,
+                    storage_options=options,
+                )
+            except CommitFailedError:  # another process created it first
+                tables[name] = DeltaTable(uri, storage_options=options)
+    return tables
+
+
+def scan_table(table: DeltaTable, options: dict[str, str]) -> pl.LazyFrame:
+    """The table at its loaded version, read by polars' own Parquet reader.
+
+    Reading through pyarrow's dataset API (`to_pyarrow_table`) intermittently aborts the interpreter at
+    exit with delta-rs 1.6 ("terminate called without an active exception"); polars' reader does not.
+    """
+    return pl.scan_delta(table, storage_options=options)
+
+
+# --------------------------------------------------------------------------- raw objects
+
+
+@dataclass(frozen=True)
+class RawObject:
+    key: str
+    landed_at: datetime
+
+
+def list_raw(s3: Any, bucket: str) -> list[RawObject]:
+    objects = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=RAW_PREFIX):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith(RAW_SUFFIX):
+                objects.append(RawObject(item["Key"], item["LastModified"].astimezone(UTC)))
+    return objects
+
+
+def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> set[str]:
+    log_table = scan_table(tables[MERGE_LOG], storage_options(settings))
+    return set(log_table.select("source_key").collect()["source_key"].to_list())
+
+
+def pending_raw(settings: Settings, s3: Any, tables: dict[str, DeltaTable]) -> list[RawObject]:
+    """Landed objects the merge log does not hold yet, oldest first: whoever landed them."""
+    merged = merged_keys(settings, tables)
+    return sorted((obj for obj in list_raw(s3, settings.bucket) if obj.key not in merged), key=lambda o: o.key)
+
+
+# --------------------------------------------------------------------------- parsing and validation
+
+
+@dataclass
+class Parsed:
+    """One raw object read back: its normalized rows, or why it could not be read."""
+
+    obj: RawObject
+    frame: pl.DataFrame | None
+    error: str | None = None
+    body: bytes | None = None
+
+
+def _read_object(s3: Any, bucket: str, obj: RawObject) -> Parsed:
+    compressed = s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
+    try:
+        body = gzip.decompress(compressed)
+    except (OSError, EOFError) as exc:
+        return Parsed(obj, None, f"not a gzip file: {exc}", compressed)
+    try:
+        snapshot = normalize_payload(body)
+    except SourceError as error:
+        return Parsed(obj, None, error.reason, body)
+    frame = snapshot.frame.with_columns(
+        pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
+    )
+    return Parsed(obj, frame)
+
+
+def read_objects(s3: Any, bucket: str, objects: list[RawObject]) -> list[Parsed]:
+    # Downloads and gunzip release the GIL; decoding is ~20 ms per snapshot on one core.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda obj: _read_object(s3, bucket, obj), objects))
+
+
+def _as_integer(column: str) -> tuple[pl.Expr, pl.Expr]:
+    """The column as Int32, and a flag for values that are present but not a whole number."""
+    raw = pl.col(column)
+    as_float = raw.cast(pl.Float64, strict=False)
+    value = as_float.cast(pl.Int32, strict=False)
+    bad = raw.is_not_null() & (as_float.is_null() | (as_float != as_float.round(0)) | value.is_null())
+    return value, bad
+
+
+def _reason(condition: pl.Expr, message: pl.Expr | str) -> pl.Expr:
+    return pl.when(condition).then(message if isinstance(message, pl.Expr) else pl.lit(message))
+
+
+def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split normalized rows into (accepted, rejected): types enforced, values checked, reasons given.
+
+    Accepted rows come back with the lake's types; rejected rows carry `reason` (all failed rules,
+    joined by "; ") and the record as JSON.
+    """
+    typed: list[pl.Expr] = []
+    reasons: list[pl.Expr] = [
+        _reason(pl.col("segment_key").is_null() | (pl.col("segment_key") == ""), "missing segment_key")
+    ]
+    for column in INTEGER_COLUMNS:
+        value, bad = _as_integer(column)
+        typed.append(value.alias(column))
+        reasons.append(_reason(bad, pl.format("{} {} is not an integer", pl.lit(column), pl.col(column))))
+    frame = frame.with_columns(
+        *typed,
+        pl.col("traffic_status").cast(pl.String, strict=False),
+        pl.col("segment_id").cast(pl.Int64, strict=False),
+        pl.col("func_class").cast(pl.Int32, strict=False),
+        pl.col("point_lon").cast(pl.Float64, strict=False),
+        pl.col("point_lat").cast(pl.Float64, strict=False),
+        *[pl.col(c).cast(pl.String, strict=False) for c in ("road_name", "hierarchy", "hierarchy_dv", "direction")],
+        pl.col("gml_id").cast(pl.String, strict=False),
+    )
+
+    def outside(column: str, low: float, high: float, unit: str) -> pl.Expr:
+        value = pl.col(column)
+        message = pl.format(f"{column} {{}} outside {low:g}-{high:g} {unit}".rstrip(), value)
+        return _reason(value.is_not_null() & ((value < low) | (value > high)), message)
+
+    reasons += [
+        outside("speed_kmh", *SPEED_RANGE_KMH, "km/h"),
+        _reason(pl.col("travel_time_s") < 0, pl.format("travel_time_s {} is negative", pl.col("travel_time_s"))),
+        outside("reliability_pct", *RELIABILITY_RANGE_PCT, "%"),
+        _reason(pl.col("probe_count") < 0, pl.format("probe_count {} is negative", pl.col("probe_count"))),
+        _reason(
+            pl.col("traffic_status").is_not_null() & ~pl.col("traffic_status").is_in(STATUSES),
+            pl.format("traffic_status '{}' is not one of " + ", ".join(STATUSES), pl.col("traffic_status")),
+        ),
+        _reason(
+            pl.col("point_lon").is_not_null()
+            & (
+                ~pl.col("point_lon").is_between(*LON_RANGE)
+                | ~pl.col("point_lat").fill_null(float("nan")).is_between(*LAT_RANGE)
+            ),
+            pl.format("point ({}, {}) is outside the Rennes area", pl.col("point_lon"), pl.col("point_lat")),
+        ),
+    ]
+    geometry_type = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')
+    reasons.append(
+        _reason(
+            pl.col("geometry").is_not_null() & ~geometry_type.fill_null("").is_in(GEOMETRY_TYPES),
+            pl.format("geometry type {} is not LineString or MultiLineString", geometry_type.fill_null("unknown")),
+        )
+    )
+    checked = frame.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"))
+    accepted = checked.filter(pl.col("reason").is_null() | (pl.col("reason") == "")).drop("reason")
+    rejected = checked.filter(pl.col("reason").is_not_null() & (pl.col("reason") != ""))
+    return accepted, rejected
+
+
+def dedupe(accepted: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One row per (segment_key, measured_at): the one with most probes, then the first in the payload.
+
+    Returns (unique rows, count of dropped duplicates per source_key).
+    """
+    ranked = accepted.sort(
+        ["segment_key", "measured_at", "probe_count", "record_index"],
+        descending=[False, False, True, False],
+        nulls_last=True,
+    )
+    unique = ranked.unique(["segment_key", "measured_at"], keep="first", maintain_order=True)
+    dropped = (
+        ranked.group_by("source_key")
+        .len()
+        .join(unique.group_by("source_key").len(), on="source_key", suffix="_kept")
+        .select("source_key", (pl.col("len") - pl.col("len_kept")).alias("duplicate_rows"))
+    )
+    return unique, dropped
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _haversine_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    a = (
+        math.sin((phi2 - phi1) / 2) ** 2
+        + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    )
+    return 2 * 6_371_008.8 * math.asin(math.sqrt(a))
+
+
+def geometry_length_m(geojson: str | None) -> float | None:
+    """Length along a LineString or every part of a MultiLineString, in metres."""
+    if not geojson:
+        return None
+    geometry = json.loads(geojson)
+    lines = geometry["coordinates"] if geometry.get("type") == "MultiLineString" else [geometry["coordinates"]]
+    return sum(_haversine_m(*a[:2], *b[:2]) for line in lines for a, b in itertools.pairwise(line))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _commit(action: Callable[[], Any], what: str) -> Any:
+    """Run a Delta write, retrying on a conflicting concurrent commit with fresh table state."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return action()
+        except CommitFailedError as exc:
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            log.warning("%s: concurrent commit (%s); retrying on fresh state (%d)", what, exc, attempt)
+            time.sleep(0.2 * attempt)
+    return None
+
+
+def _bounds_predicate(frame: pl.DataFrame) -> str:
+    """Literal partition and time bounds: delta-rs does not prune the target from join predicates alone."""
+    dates = ", ".join(f"'{day}'" for day in sorted(set(frame["measured_date"].to_list())))
+    low, high = frame["measured_at"].min(), frame["measured_at"].max()
+    return (
+        f"t.measured_date IN ({dates}) "
+        f"AND t.measured_at >= '{low:%Y-%m-%dT%H:%M:%S}Z' AND t.measured_at <= '{high:%Y-%m-%dT%H:%M:%S}Z'"
+    )
+
+
+def _version(table: DeltaTable) -> int:
+    table.update_incremental()
+    return table.version()
+
+
+def merge_observations(table: DeltaTable, rows: pl.DataFrame, batch: int) -> int:
+    """Insert the observations that are not there yet; returns the table version after the write."""
+    source = rows.select(list(SCHEMAS[OBSERVATIONS])).to_arrow()
+    predicate = "t.segment_key = s.segment_key AND t.measured_at = s.measured_at AND " + _bounds_predicate(rows)
+
+    def write() -> None:
+        table.update_incremental()
+        table.merge(
+            source,
+            predicate=predicate,
+            source_alias="s",
+            target_alias="t",
+            commit_properties=CommitProperties(app_transactions=[Transaction(APP_ID, batch)]),
+        ).when_not_matched_insert_all().execute()
+
+    _commit(write, OBSERVATIONS)
+    return _version(table)
+
+
+def _segment_changes(rows: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
+    """The segment versions a batch opens, with the `close`/`extend` actions they imply on current rows."""
+    rows = rows.with_columns(
+        pl.col("geometry").alias("geometry_geojson"),
+        pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"').alias("geometry_type"),
+    ).sort(["segment_key", "measured_at"])
+    # Consecutive identical attributes collapse into one version (polars' hash is fine within one run).
+    fingerprint = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()
+    changes = rows.filter(fingerprint.ne_missing(fingerprint.shift(1).over("segment_key")))
+    changes = changes.with_columns(
+        pl.Series(
+            "attributes_hash",
+            [
+                hashlib.sha1(repr(values).encode()).hexdigest()
+                for values in changes.select(SEGMENT_ATTRIBUTES).iter_rows()
+            ],
+            dtype=pl.String,
+        ),
+        pl.col("measured_at").alias("valid_from"),
+    )
+    joined = changes.join(
+        current.select("segment_key", pl.col("valid_from").alias("cur_from"), pl.col("attributes_hash").alias("cur")),
+        on="segment_key",
+        how="left",
+    )
+    first = pl.col("valid_from") == pl.col("valid_from").min().over("segment_key")
+    same_as_current = pl.col("attributes_hash") == pl.col("cur")
+    # Backfilled history older than the current version only moves its start earlier when unchanged;
+    # older versions with other attributes are not reinserted into the past.
+    extend = joined.filter(first & same_as_current & (pl.col("valid_from") < pl.col("cur_from")))
+    fresh = joined.filter(
+        pl.col("cur_from").is_null() | ((pl.col("valid_from") > pl.col("cur_from")) & ~(first & same_as_current))
+    )
+    fresh = fresh.with_columns(
+        pl.col("valid_from").shift(-1).over("segment_key").alias("valid_to"),
+    ).with_columns(pl.col("valid_to").is_null().alias("is_current"))
+    inserts = fresh.with_columns(
+        pl.col("geometry_geojson").map_elements(geometry_length_m, return_dtype=pl.Float64).alias("length_m"),
+        pl.lit("insert").alias("action"),
+        pl.lit(None, dtype=UTC_US).alias("extend_to"),
+    ).select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
+    opened = fresh.group_by("segment_key").agg(pl.col("valid_from").min().alias("first_new"))
+    closes = (
+        current.join(opened, on="segment_key")
+        .with_columns(
+            pl.col("first_new").alias("valid_to"),
+            pl.lit(False).alias("is_current"),
+            pl.lit("close").alias("action"),
+            pl.lit(None, dtype=UTC_US).alias("extend_to"),
+        )
+        .select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
+    )
+    extends = (
+        current.join(extend.select("segment_key", pl.col("valid_from").alias("extend_to")), on="segment_key")
+        .with_columns(pl.lit("extend").alias("action"))
+        .select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
+    )
+    return pl.concat([inserts, closes, extends], how="vertical_relaxed")
+
+
+def merge_segments(table: DeltaTable, rows: pl.DataFrame, options: dict[str, str]) -> int:
+    """Open new segment versions where attributes changed, closing the versions they replace."""
+
+    def write() -> None:
+        table.update_incremental()
+        current = scan_table(table, options).filter(pl.col("is_current")).collect()
+        changes = _segment_changes(rows, current)
+        if changes.is_empty():
+            return
+        columns = list(SCHEMAS[SEGMENTS])
+        (
+            table.merge(
+                changes.to_arrow(),
+                predicate="t.segment_key = s.segment_key AND t.valid_from = s.valid_from",
+                source_alias="s",
+                target_alias="t",
+            )
+            .when_matched_update(
+                updates={"valid_to": "s.valid_to", "is_current": "s.is_current"}, predicate="s.action = 'close'"
+            )
+            .when_matched_update(updates={"valid_from": "s.extend_to"}, predicate="s.action = 'extend'")
+            .when_not_matched_insert(
+                updates={column: f"s.{column}" for column in columns}, predicate="s.action = 'insert'"
+            )
+            .execute()
+        )
+
+    _commit(write, SEGMENTS)
+    return _version(table)
+
+
+def merge_rejected(table: DeltaTable, rejected: pl.DataFrame) -> None:
+    if rejected.is_empty():
+        return
+    now = datetime.now(UTC)
+    record_columns = [c for c in rejected.columns if c not in ("reason", "source_key", "landed_at")]
+    rows = rejected.with_columns(
+        pl.struct(record_columns).struct.json_encode().alias("record_json"),
+        pl.lit(now, dtype=UTC_US).alias("rejected_at"),
+        pl.col("segment_key").cast(pl.String),
+    ).select(list(SCHEMAS[REJECTED]))
+
+    def write() -> None:
+        table.update_incremental()
+        table.merge(
+            rows.to_arrow(),
+            predicate="t.source_key = s.source_key AND t.record_index = s.record_index",
+            source_alias="s",
+            target_alias="t",
+        ).when_not_matched_insert_all().execute()
+
+    _commit(write, REJECTED)
+
+
+def append_merge_log(table: DeltaTable, entries: pl.DataFrame) -> None:
+    def write() -> None:
+        table.update_incremental()
+        table.merge(
+            entries.select(list(SCHEMAS[MERGE_LOG])).to_arrow(),
+            predicate="t.source_key = s.source_key",
+            source_alias="s",
+            target_alias="t",
+        ).when_not_matched_insert_all().execute()
+
+    _commit(write, MERGE_LOG)
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+@dataclass
+class MergeResult:
+    merged_objects: int = 0
+    observations: int = 0
+    rejected_rows: int = 0
+    duplicate_rows: int = 0
+    quarantined_objects: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if not self.merged_objects and not self.quarantined_objects:
+            return "nothing to merge: every landed snapshot is already in the lake"
+        return (
+            f"merged {self.merged_objects} snapshots: {self.observations} observations accepted, "
+            f"{self.rejected_rows} rows rejected, {self.duplicate_rows} duplicate rows dropped, "
+            f"{self.quarantined_objects} unreadable objects quarantined, in {self.seconds:.1f} s"
+        )
+
+
+def _next_batch_number(tables: dict[str, DeltaTable]) -> int:
+    version = tables[OBSERVATIONS].transaction_version(APP_ID)
+    return (version or 0) + 1
+
+
+def merge_objects(settings: Settings, objects: list[RawObject], s3: Any = None) -> MergeResult:
+    """Merge the given landed objects into the lake (idempotent), then record them in the merge log."""
+    started = time.perf_counter()
+    s3 = s3 or storage.s3_client(settings)
+    tables = ensure_tables(settings)
+    result = MergeResult()
+    for start in range(0, len(objects), OBJECTS_PER_COMMIT):
+        chunk = objects[start : start + OBJECTS_PER_COMMIT]
+        _merge_chunk(settings, s3, tables, chunk, result)
+    result.seconds = time.perf_counter() - started
+    log.info(result.summary())
+    return result
+
+
+def _merge_chunk(
+    settings: Settings, s3: Any, tables: dict[str, DeltaTable], chunk: list[RawObject], result: MergeResult
+) -> None:
+    parsed = read_objects(s3, settings.bucket, chunk)
+    readable = [p for p in parsed if p.frame is not None]
+    for item in parsed:
+        if item.frame is None:
+            key = quarantine(s3, settings.bucket, item.body or b"", f"unreadable raw object {item.obj.key}: "
+                             f"{item.error}", f"s3://{settings.bucket}/{item.obj.key}", "merge")  # fmt: skip
+            log.error("quarantined %s: %s (copy at %s)", item.obj.key, item.error, key)
+            result.quarantined_objects += 1
+    merged_at = datetime.now(UTC)
+    batch = _next_batch_number(tables)
+    batch_id = uuid.uuid4().hex
+    log_rows: list[dict[str, Any]] = []
+    obs_version = seg_version = tables[OBSERVATIONS].version()
+    if readable:
+        frame = pl.concat([p.frame for p in readable], how="vertical_relaxed")  # type: ignore[misc]
+        accepted, rejected = validate(frame)
+        unique, duplicates = dedupe(accepted)
+        unique = unique.with_columns(
+            pl.col("measured_at").dt.date().alias("measured_date"), pl.lit(merged_at, dtype=UTC_US).alias("merged_at")
+        )
+        merge_rejected(tables[REJECTED], rejected)
+        obs_version = merge_observations(tables[OBSERVATIONS], unique, batch)
+        seg_version = merge_segments(tables[SEGMENTS], unique, storage_options(settings))
+        counts = _counts(frame, unique, rejected, duplicates)
+        for item in readable:
+            total, kept, bad, dup = counts.get(item.obj.key, (0, 0, 0, 0))
+            log_rows.append(
+                _log_row(item.obj, item.frame["measured_at"][0], merged_at, batch_id, total, kept, bad, dup)
+            )
+            log.info("%s: %d records, %d accepted, %d rejected, %d duplicates", item.obj.key, total, kept, bad, dup)
+            result.observations += kept
+            result.rejected_rows += bad
+            result.duplicate_rows += dup
+    for item in parsed:
+        if item.frame is None:
+            log_rows.append(_log_row(item.obj, None, merged_at, batch_id, 0, 0, 0, 0))
+    if log_rows:
+        entries = pl.DataFrame(log_rows, schema=SCHEMAS[MERGE_LOG]).with_columns(
+            pl.lit(obs_version, dtype=pl.Int64).alias("observations_version"),
+            pl.lit(seg_version, dtype=pl.Int64).alias("segments_version"),
+        )
+        append_merge_log(tables[MERGE_LOG], entries)
+    result.merged_objects += len(readable)
+
+
+def _counts(
+    frame: pl.DataFrame, unique: pl.DataFrame, rejected: pl.DataFrame, duplicates: pl.DataFrame
+) -> dict[str, tuple[int, int, int, int]]:
+    def per_key(df: pl.DataFrame) -> dict[str, int]:
+        return dict(df.group_by("source_key").len().iter_rows())
+
+    total, kept, bad = per_key(frame), per_key(unique), per_key(rejected)
+    dup = dict(duplicates.iter_rows())
+    return {key: (total[key], kept.get(key, 0), bad.get(key, 0), dup.get(key, 0)) for key in total}
+
+
+def _log_row(
+    obj: RawObject, measured_at: datetime | None, merged_at: datetime, batch_id: str, *counts: int
+) -> dict[str, Any]:
+    total, kept, bad, dup = counts
+    return {
+        "source_key": obj.key,
+        "measured_at": measured_at,
+        "landed_at": obj.landed_at,
+        "merged_at": merged_at,
+        "batch_id": batch_id,
+        "record_count": total,
+        "accepted_rows": kept,
+        "rejected_rows": bad,
+        "duplicate_rows": dup,
+        "observations_version": None,
+        "segments_version": None,
+    }
+
+
+def merge_pending(settings: Settings, s3: Any = None) -> MergeResult:
+    """Merge every landed snapshot not merged yet, in one run. The CLI and the DAG both call this."""
+    s3 = s3 or storage.s3_client(settings)
+    tables = ensure_tables(settings)
+    pending = pending_raw(settings, s3, tables)
+    log.info("%d landed snapshots pending", len(pending))
+    return merge_objects(settings, pending, s3)
+
+
+def backfill(settings: Settings, start: datetime, end: datetime, s3: Any = None) -> MergeResult:
+    """Merge again every landed snapshot measured in [start, end): idempotent, nothing is duplicated."""
+    from trafficwatch.landing import measured_at_of
+
+    s3 = s3 or storage.s3_client(settings)
+    chosen = [obj for obj in list_raw(s3, settings.bucket) if start <= measured_at_of(obj.key) < end]
+    log.info("backfill %s to %s: %d landed snapshots", start.isoformat(), end.isoformat(), len(chosen))
+    return merge_objects(settings, sorted(chosen, key=lambda o: o.key), s3)
