@@ -9,3 +9,4 @@ from trafficwatch.config import load_settings
 _bucket = load_settings().bucket
 
 RAW_SNAPSHOTS = Asset(name="traffic_raw_snapshots", uri=f"s3://{_bucket}/raw")
+LAKE_OBSERVATIONS = Asset(name="traffic_lake_observations", uri=f"s3://{_bucket}/lake/traffic_observations")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from trafficwatch import services
@@ -43,6 +44,37 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"ingest failed: {error}", file=sys.stderr)
         return 1
     print(result.summary(settings.bucket))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from trafficwatch import lake
+
+    print(lake.merge_pending(load_settings()).summary())
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from trafficwatch import lake
+
+    if args.end <= args.start:
+        print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=sys.stderr)
+        return 2
+    print(lake.backfill(load_settings(), args.start, args.end).summary())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from trafficwatch import lake
+
+    print(json.dumps(lake.status(load_settings()), indent=2))
+    return 0
+
+
+def _cmd_maintain(args: argparse.Namespace) -> int:
+    from trafficwatch import lake
+
+    print(lake.maintain(load_settings()).summary())
     return 0
 
 
@@ -85,6 +117,12 @@ def _iso(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _utc(value: str) -> datetime:
+    """An ISO 8601 time; without an offset it is taken as UTC."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trafficwatch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -118,6 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
         "landed or unchanged; exit 1 with a one-line reason otherwise (the bad body goes to quarantine/).",
     )
     ingest.set_defaults(func=_cmd_ingest)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge every landed snapshot not merged yet into the Delta tables (what the DAG runs)",
+        description="Merge every raw object under raw/ that the merge log does not hold into the Delta tables "
+        "under lake/, validating rows (invalid ones go to rejected_records) and recording each object in "
+        "merge_log. Idempotent: a rerun or a concurrent run adds nothing twice.",
+    )
+    merge.set_defaults(func=_cmd_merge)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="merge again the landed snapshots of a time range (idempotent)",
+        description="Re-merge every landed snapshot measured in [--start, --end). Rows already in the lake "
+        "are left as they are, missing ones are added: running it twice changes nothing.",
+    )
+    backfill.add_argument("--start", type=_utc, required=True, help="ISO 8601, inclusive (UTC if no offset)")
+    backfill.add_argument("--end", type=_utc, required=True, help="ISO 8601, exclusive (UTC if no offset)")
+    backfill.set_defaults(func=_cmd_backfill)
+
+    status = commands.add_parser(
+        "status",
+        help="JSON for operators: raw, pending and quarantined objects, latest measurement, tables",
+        description="Print, as JSON: raw_objects, pending_raw_objects, quarantined_objects, "
+        "latest_measured_at, and for each Delta table its uri, version, rows and files.",
+    )
+    status.set_defaults(func=_cmd_status)
+
+    maintain = commands.add_parser(
+        "maintain",
+        help="compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)",
+    )
+    maintain.set_defaults(func=_cmd_maintain)
 
     service = commands.add_parser(
         "service",

@@ -47,6 +47,9 @@ class Settings:
     fetch_budget_s: float
     s3_endpoint_url: str | None
     aws_region: str
+    merge_poll_interval_s: float
+    vacuum_retention_hours: int
+    raw_retention_days: int
 
     @property
     def raw_uri(self) -> str:
@@ -69,4 +72,7 @@ def load_settings() -> Settings:
         fetch_budget_s=_float("TRAFFICWATCH_FETCH_BUDGET", 40.0),
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
         aws_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        merge_poll_interval_s=_float("TRAFFICWATCH_MERGE_POLL_INTERVAL", 10.0),
+        vacuum_retention_hours=_int("TRAFFICWATCH_VACUUM_RETENTION_HOURS", 168),
+        raw_retention_days=_int("TRAFFICWATCH_RAW_RETENTION_DAYS", 0),
     )

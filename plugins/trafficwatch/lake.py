@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -36,7 +36,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
-from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, quarantine
+from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of, quarantine
 from trafficwatch.source import SourceError, normalize_payload
 
 log = logging.getLogger(__name__)
@@ -558,6 +558,16 @@ class MergeResult:
     quarantined_objects: int = 0
     seconds: float = 0.0
 
+    def as_dict(self) -> dict[str, int | float]:
+        return {
+            "merged_objects": self.merged_objects,
+            "observations": self.observations,
+            "rejected_rows": self.rejected_rows,
+            "duplicate_rows": self.duplicate_rows,
+            "quarantined_objects": self.quarantined_objects,
+            "seconds": round(self.seconds, 3),
+        }
+
     def summary(self) -> str:
         if not self.merged_objects and not self.quarantined_objects:
             return "nothing to merge: every landed snapshot is already in the lake"
@@ -676,9 +686,91 @@ def merge_pending(settings: Settings, s3: Any = None) -> MergeResult:
 
 def backfill(settings: Settings, start: datetime, end: datetime, s3: Any = None) -> MergeResult:
     """Merge again every landed snapshot measured in [start, end): idempotent, nothing is duplicated."""
-    from trafficwatch.landing import measured_at_of
-
     s3 = s3 or storage.s3_client(settings)
     chosen = [obj for obj in list_raw(s3, settings.bucket) if start <= measured_at_of(obj.key) < end]
     log.info("backfill %s to %s: %d landed snapshots", start.isoformat(), end.isoformat(), len(chosen))
     return merge_objects(settings, sorted(chosen, key=lambda o: o.key), s3)
+
+
+# --------------------------------------------------------------------------- maintenance and status
+
+
+@dataclass
+class MaintenanceResult:
+    compacted: dict[str, int]
+    vacuumed_files: dict[str, int]
+    expired_raw_objects: int
+
+    def summary(self) -> str:
+        return (
+            f"compacted {sum(self.compacted.values())} files into fewer, vacuumed "
+            f"{sum(self.vacuumed_files.values())} unreferenced files, expired {self.expired_raw_objects} raw objects"
+        )
+
+
+def maintain(settings: Settings, s3: Any = None) -> MaintenanceResult:
+    """Compact small files, checkpoint and trim the logs, vacuum, and expire old raw objects.
+
+    One-minute merges leave one small file per table per minute; compaction rewrites them into few,
+    a checkpoint lets readers skip replaying the JSON log, and vacuum deletes what no version within
+    the retention still needs. Raw objects are the replay source: kept unless `raw_retention_days` > 0.
+    Retentions come from TRAFFICWATCH_VACUUM_RETENTION_HOURS and TRAFFICWATCH_RAW_RETENTION_DAYS.
+    """
+    tables = ensure_tables(settings)
+    compacted, vacuumed = {}, {}
+    for name, table in tables.items():
+        metrics = _commit(lambda table=table: table.optimize.compact(), f"compact {name}")
+        compacted[name] = int(metrics.get("numFilesRemoved", 0)) if metrics else 0
+        table.update_incremental()
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        vacuumed[name] = len(
+            table.vacuum(
+                retention_hours=settings.vacuum_retention_hours, dry_run=False, enforce_retention_duration=False
+            )
+        )
+    expired = expire_raw(settings, settings.raw_retention_days, s3 or storage.s3_client(settings), tables)
+    result = MaintenanceResult(compacted, vacuumed, expired)
+    log.info(result.summary())
+    return result
+
+
+def expire_raw(settings: Settings, retention_days: int, s3: Any, tables: dict[str, DeltaTable]) -> int:
+    """Delete raw objects older than the retention, but only those already merged."""
+    if retention_days <= 0:
+        return 0
+    cutoff = datetime.now(UTC) - timedelta(days=retention_days)
+    merged = merged_keys(settings, tables)
+    expired = [
+        obj.key for obj in list_raw(s3, settings.bucket) if obj.key in merged and measured_at_of(obj.key) < cutoff
+    ]
+    for start in range(0, len(expired), 1000):
+        batch = [{"Key": key} for key in expired[start : start + 1000]]
+        s3.delete_objects(Bucket=settings.bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(expired)
+
+
+def status(settings: Settings, s3: Any = None) -> dict[str, Any]:
+    """What an operator asks first: how much is landed, pending, quarantined, and the state of each table."""
+    s3 = s3 or storage.s3_client(settings)
+    tables = ensure_tables(settings)
+    options = storage_options(settings)
+    raw = list_raw(s3, settings.bucket)
+    merged = merged_keys(settings, tables)
+    latest = scan_table(tables[OBSERVATIONS], options).select(pl.col("measured_at").max()).collect().item()
+    return {
+        "bucket": settings.bucket,
+        "raw_objects": len(raw),
+        "pending_raw_objects": sum(1 for obj in raw if obj.key not in merged),
+        "quarantined_objects": len(storage.list_keys(s3, settings.bucket, "quarantine/")),
+        "latest_measured_at": latest.isoformat() if latest else None,
+        "tables": {
+            name: {
+                "uri": table_uri(settings, name),
+                "version": table.version(),
+                "rows": scan_table(table, options).select(pl.len()).collect().item(),
+                "files": len(table.file_uris()),
+            }
+            for name, table in tables.items()
+        },
+    }
