@@ -128,3 +128,23 @@ def feed(sample_file: Path, next_snapshot_file: Path, monkeypatch: pytest.Monkey
         yield server
     finally:
         server.close()
+
+
+SAMPLE_DATETIME = b"2024-08-26T12:43:00+02:00"
+
+
+def redated(sample_bytes: bytes, minutes: int) -> bytes:
+    """The sample as another upstream snapshot, `minutes` later (a cheap byte replacement)."""
+    moment = datetime.fromisoformat(SAMPLE_DATETIME.decode()) + timedelta(minutes=minutes)
+    return sample_bytes.replace(SAMPLE_DATETIME, moment.isoformat().encode())
+
+
+def land_raw(settings: Settings, body: bytes) -> str:
+    """Put a payload under raw/ as the ingest would (gzip, keyed by its upstream datetime)."""
+    from trafficwatch.landing import raw_key
+    from trafficwatch.source import normalize_payload
+
+    key = raw_key(normalize_payload(body).measured_at)
+    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
+    client.put_object(Bucket=settings.bucket, Key=key, Body=gzip.compress(body, mtime=0))
+    return key

@@ -273,14 +273,16 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     Accepted rows come back with the lake's types; rejected rows carry `reason` (all failed rules,
     joined by "; ") and the record as JSON.
     """
-    typed: list[pl.Expr] = []
-    reasons: list[pl.Expr] = [
+    type_reasons: list[pl.Expr] = [
         _reason(pl.col("segment_key").is_null() | (pl.col("segment_key") == ""), "missing segment_key")
     ]
+    typed: list[pl.Expr] = []
     for column in INTEGER_COLUMNS:
         value, bad = _as_integer(column)
         typed.append(value.alias(column))
-        reasons.append(_reason(bad, pl.format("{} {} is not an integer", pl.lit(column), pl.col(column))))
+        type_reasons.append(_reason(bad, pl.format("{} {} is not an integer", pl.lit(column), pl.col(column))))
+    # Type failures are judged on the values as sent, before the casts below replace them.
+    frame = frame.with_columns(pl.concat_str(type_reasons, separator="; ", ignore_nulls=True).alias("reason"))
     frame = frame.with_columns(
         *typed,
         pl.col("traffic_status").cast(pl.String, strict=False),
@@ -291,6 +293,7 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         *[pl.col(c).cast(pl.String, strict=False) for c in ("road_name", "hierarchy", "hierarchy_dv", "direction")],
         pl.col("gml_id").cast(pl.String, strict=False),
     )
+    reasons: list[pl.Expr] = [pl.when(pl.col("reason") != "").then(pl.col("reason"))]
 
     def outside(column: str, low: float, high: float, unit: str) -> pl.Expr:
         value = pl.col(column)

@@ -8,11 +8,12 @@ upload, another producer). When it finds some, the sensor resumes and the merge 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
@@ -26,25 +27,35 @@ def count_pending() -> int:
 
 
 class PendingRawTrigger(BaseTrigger):
-    def __init__(self, poll_interval_s: float = 10.0) -> None:
+    """Fires with the number of pending snapshots, or with 0 once `wait_s` passed without any."""
+
+    def __init__(self, poll_interval_s: float, wait_s: float) -> None:
         super().__init__()
         self.poll_interval_s = poll_interval_s
+        self.wait_s = wait_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("trafficwatch.waiting.PendingRawTrigger", {"poll_interval_s": self.poll_interval_s})
+        return (
+            "trafficwatch.waiting.PendingRawTrigger",
+            {"poll_interval_s": self.poll_interval_s, "wait_s": self.wait_s},
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        # The trigger keeps its own deadline: dag.test() runs triggers inline and ignores defer timeouts.
+        deadline = time.monotonic() + self.wait_s
         while True:
             pending = await asyncio.to_thread(count_pending)
-            if pending:
-                self.log.info("%d landed snapshots are waiting to be merged", pending)
+            if pending or time.monotonic() >= deadline:
                 yield TriggerEvent({"pending": pending})
                 return
             await asyncio.sleep(self.poll_interval_s)
 
 
 class PendingRawSensor(BaseSensorOperator):
-    """Succeeds when landed snapshots wait to be merged; waits for them in the triggerer."""
+    """Succeeds when landed snapshots wait to be merged; waits for them in the triggerer.
+
+    After `timeout` seconds without any, it ends skipped (and so does the merge after it).
+    """
 
     def __init__(self, *, poll_interval_s: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -55,12 +66,12 @@ class PendingRawSensor(BaseSensorOperator):
         if pending:
             self.log.info("%d landed snapshots are waiting to be merged", pending)
             return pending
-        self.defer(
-            trigger=PendingRawTrigger(self.poll_interval_s),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout),
-        )
+        self.defer(trigger=PendingRawTrigger(self.poll_interval_s, float(self.timeout)), method_name="execute_complete")
         return 0
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> int:
-        return int(event["pending"])
+        pending = int(event["pending"])
+        if not pending:
+            raise AirflowSkipException(f"no landed snapshot to merge after waiting {self.timeout:.0f} s")
+        self.log.info("%d landed snapshots are waiting to be merged", pending)
+        return pending
