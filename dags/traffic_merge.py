@@ -42,7 +42,6 @@ def traffic_merge() -> None:
         task_id="wait_for_landed_snapshots",
         poll_interval_s=float(os.environ.get("TRAFFICWATCH_MERGE_POLL_INTERVAL", "10")),
         timeout=float(os.environ.get("TRAFFICWATCH_MERGE_WAIT_TIMEOUT", "900")),
-        retries=0,
     )
 
     @task(outlets=[LAKE_OBSERVATIONS], execution_timeout=timedelta(minutes=30))
