@@ -49,6 +49,7 @@ class Settings:
     aws_region: str
     merge_poll_interval_s: float
     vacuum_retention_hours: int
+    log_retention: str
     raw_retention_days: int
 
     @property
@@ -74,5 +75,6 @@ def load_settings() -> Settings:
         aws_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         merge_poll_interval_s=_float("TRAFFICWATCH_MERGE_POLL_INTERVAL", 10.0),
         vacuum_retention_hours=_int("TRAFFICWATCH_VACUUM_RETENTION_HOURS", 168),
+        log_retention=os.environ.get("TRAFFICWATCH_LOG_RETENTION", "interval 24 hours"),
         raw_retention_days=_int("TRAFFICWATCH_RAW_RETENTION_DAYS", 0),
     )

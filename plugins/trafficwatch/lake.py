@@ -158,6 +158,11 @@ def empty_frame(name: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[name])
 
 
+def table_properties(settings: Settings) -> dict[str, str]:
+    """Delta properties that keep a table read at one-minute cadence cheap to open."""
+    return {"delta.logRetentionDuration": settings.log_retention, "delta.checkpointInterval": "10"}
+
+
 def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
     """Open every table, creating the missing ones (safe when two processes race to create)."""
     tables = {}
@@ -174,6 +179,7 @@ def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
                     mode="ignore",
                     partition_by=PARTITIONS[name] or None,
                     name=name,
+                    configuration=table_properties(settings),
                     storage_options=options,
                 )
             except CommitFailedError:  # another process created it first
@@ -388,14 +394,16 @@ def _commit(action: Callable[[], Any], what: str) -> Any:
     return None
 
 
-def _bounds_predicate(frame: pl.DataFrame) -> str:
-    """Literal partition and time bounds: delta-rs does not prune the target from join predicates alone."""
-    dates = ", ".join(f"'{day}'" for day in sorted(set(frame["measured_date"].to_list())))
+def _time_bounds(frame: pl.DataFrame) -> str:
+    """Literal time bounds of a batch: delta-rs does not prune the target from join predicates alone,
+    but skips every file whose `measured_at` statistics fall outside literals."""
     low, high = frame["measured_at"].min(), frame["measured_at"].max()
-    return (
-        f"t.measured_date IN ({dates}) "
-        f"AND t.measured_at >= '{low:%Y-%m-%dT%H:%M:%S}Z' AND t.measured_at <= '{high:%Y-%m-%dT%H:%M:%S}Z'"
-    )
+    return f"t.measured_at >= '{low:%Y-%m-%dT%H:%M:%S}Z' AND t.measured_at <= '{high:%Y-%m-%dT%H:%M:%S}Z'"
+
+
+def _bounds_predicate(frame: pl.DataFrame) -> str:
+    dates = ", ".join(f"'{day}'" for day in sorted(set(frame["measured_date"].to_list())))
+    return f"t.measured_date IN ({dates}) AND {_time_bounds(frame)}"
 
 
 def _version(table: DeltaTable) -> int:
@@ -528,7 +536,7 @@ def merge_rejected(table: DeltaTable, rejected: pl.DataFrame) -> None:
         table.update_incremental()
         table.merge(
             rows.to_arrow(),
-            predicate="t.source_key = s.source_key AND t.record_index = s.record_index",
+            predicate="t.source_key = s.source_key AND t.record_index = s.record_index AND " + _time_bounds(rows),
             source_alias="s",
             target_alias="t",
         ).when_not_matched_insert_all().execute()
@@ -537,11 +545,13 @@ def merge_rejected(table: DeltaTable, rejected: pl.DataFrame) -> None:
 
 
 def append_merge_log(table: DeltaTable, entries: pl.DataFrame) -> None:
+    bounds = _time_bounds(entries)
+
     def write() -> None:
         table.update_incremental()
         table.merge(
             entries.select(list(SCHEMAS[MERGE_LOG])).to_arrow(),
-            predicate="t.source_key = s.source_key",
+            predicate=f"t.source_key = s.source_key AND {bounds}",
             source_alias="s",
             target_alias="t",
         ).when_not_matched_insert_all().execute()
@@ -586,11 +596,13 @@ def _next_batch_number(tables: dict[str, DeltaTable]) -> int:
     return (version or 0) + 1
 
 
-def merge_objects(settings: Settings, objects: list[RawObject], s3: Any = None) -> MergeResult:
+def merge_objects(
+    settings: Settings, objects: list[RawObject], s3: Any = None, tables: dict[str, DeltaTable] | None = None
+) -> MergeResult:
     """Merge the given landed objects into the lake (idempotent), then record them in the merge log."""
     started = time.perf_counter()
     s3 = s3 or storage.s3_client(settings)
-    tables = ensure_tables(settings)
+    tables = tables or ensure_tables(settings)
     result = MergeResult()
     for start in range(0, len(objects), OBJECTS_PER_COMMIT):
         chunk = objects[start : start + OBJECTS_PER_COMMIT]
@@ -638,7 +650,7 @@ def _merge_chunk(
             result.duplicate_rows += dup
     for item in parsed:
         if item.frame is None:
-            log_rows.append(_log_row(item.obj, None, merged_at, batch_id, 0, 0, 0, 0))
+            log_rows.append(_log_row(item.obj, measured_at_of(item.obj.key), merged_at, batch_id, 0, 0, 0, 0))
     if log_rows:
         entries = pl.DataFrame(log_rows, schema=SCHEMAS[MERGE_LOG]).with_columns(
             pl.lit(obs_version, dtype=pl.Int64).alias("observations_version"),
@@ -659,9 +671,7 @@ def _counts(
     return {key: (total[key], kept.get(key, 0), bad.get(key, 0), dup.get(key, 0)) for key in total}
 
 
-def _log_row(
-    obj: RawObject, measured_at: datetime | None, merged_at: datetime, batch_id: str, *counts: int
-) -> dict[str, Any]:
+def _log_row(obj: RawObject, measured_at: datetime, merged_at: datetime, batch_id: str, *counts: int) -> dict[str, Any]:
     total, kept, bad, dup = counts
     return {
         "source_key": obj.key,
@@ -684,7 +694,7 @@ def merge_pending(settings: Settings, s3: Any = None) -> MergeResult:
     tables = ensure_tables(settings)
     pending = pending_raw(settings, s3, tables)
     log.info("%d landed snapshots pending", len(pending))
-    return merge_objects(settings, pending, s3)
+    return merge_objects(settings, pending, s3, tables)
 
 
 def backfill(settings: Settings, start: datetime, end: datetime, s3: Any = None) -> MergeResult:
@@ -721,7 +731,10 @@ def maintain(settings: Settings, s3: Any = None) -> MaintenanceResult:
     """
     tables = ensure_tables(settings)
     compacted, vacuumed = {}, {}
+    wanted = table_properties(settings)
     for name, table in tables.items():
+        if any(table.metadata().configuration.get(key) != value for key, value in wanted.items()):
+            table.alter.set_table_properties(wanted)
         metrics = _commit(lambda table=table: table.optimize.compact(), f"compact {name}")
         compacted[name] = int(metrics.get("numFilesRemoved", 0)) if metrics else 0
         table.update_incremental()
