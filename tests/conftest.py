@@ -5,9 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import random
 import secrets
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -45,24 +43,6 @@ def sample_file(tmp_path_factory: pytest.TempPathFactory, sample_bytes: bytes) -
     return path
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port_block() -> int:
-    """A port P such that P..P+5 and their gRPC twins (+10000) are free, for weed mini."""
-    for _ in range(200):
-        port = random.randrange(20000, 29000, 10)
-        if all(_free(port + i) and _free(port + 10000 + i) for i in range(6)):
-            return port
-    raise RuntimeError("no free block of ports for the local S3 server")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real SeaweedFS S3 server for this test session, on free loopback ports, with random keys."""
@@ -70,7 +50,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     keys = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
     saved = {name: os.environ.get(name) for name in keys}
     os.environ.update(keys)
-    service = services.local_s3(home / "s3", _free_port_block(), "trafficwatch")
+    service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch")
     services.start(service, home)
     try:
         yield service.url

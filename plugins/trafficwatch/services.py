@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,6 +62,24 @@ def http_ok(url: str) -> Callable[[], bool]:
             return False
 
     return check
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_s3_port() -> int:
+    """A port P such that P..P+5 and their gRPC twins (+10000) are free: what `local_s3` needs."""
+    for _ in range(200):
+        port = random.randrange(20000, 29000, 10)
+        if all(_port_free(port + i) and _port_free(port + 10000 + i) for i in range(6)):
+            return port
+    raise RuntimeError("no free block of loopback ports for a local S3 server")
 
 
 def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
