@@ -46,17 +46,19 @@ if [ "${TRAFFICWATCH_S3:-local}" = "local" ]; then
 fi
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 
-# Airflow: everything under the data directory, DAGs and plugins from the repository.
+# Airflow: everything under the data directory, DAGs from the repository.
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$TRAFFICWATCH_HOME/airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="$_repo/dags"
-export AIRFLOW__CORE__PLUGINS_FOLDER="$_repo/plugins"
+# The library is installed in the environment; Airflow need not import it as a plugin.
+export AIRFLOW__CORE__PLUGINS_FOLDER="$AIRFLOW_HOME/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
 export AIRFLOW__API__PORT="$TRAFFICWATCH_AIRFLOW_PORT"
 export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}"
-mkdir -p "$AIRFLOW_HOME"
+export AIRFLOW__API__WORKERS="${AIRFLOW__API__WORKERS:-1}"
+mkdir -p "$AIRFLOW_HOME/plugins"
 printf '{"admin": "%s"}\n' "$TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD" > "$AIRFLOW_HOME/passwords.json"
 chmod 600 "$AIRFLOW_HOME/passwords.json"
 unset _repo _secrets _name _value

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration once, at import: point it at a throwaway home before any test imports it.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tw-airflow-")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
-os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(os.environ["AIRFLOW_HOME"], "plugins")  # none
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "trafficwatch" / "data" / "rennes_base_snapshot.json.gz"

@@ -122,7 +122,7 @@ def airflow(port: int) -> Service:
         http_ok(f"{url}/api/v2/monitor/health"),
         url,
         env,
-        start_timeout_s=180,
+        start_timeout_s=300,
     )
 
 
