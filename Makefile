@@ -17,7 +17,7 @@ DEMO_FEED_ARGS ?= --interval 60
 include superset/superset.mk
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## build the pipeline environment from the pins (idempotent)
 
@@ -28,11 +28,11 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	touch $@
 
 lint: install ## ruff on the code
-	$(VENV)/bin/ruff check dags plugins tests
-	$(VENV)/bin/ruff format --check dags plugins tests
+	$(VENV)/bin/ruff check dags plugins tests superset bench
+	$(VENV)/bin/ruff format --check dags plugins tests superset bench
 
 # Tests start their own S3 server, feed and Airflow home on free ports: they never touch .data/.
-test: install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
+test: install superset-install browser-install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
 	rc=0; $(VENV)/bin/python -m pytest || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -40,11 +40,13 @@ demo: install ## run the whole stack offline against the local feed (simulated R
 	$(ENV) $(TW) service start s3
 	$(ENV) TRAFFICWATCH_FEED_ARGS="$(DEMO_FEED_ARGS)" $(TW) service start feed
 	$(ENV) TRAFFICWATCH_API_URL=http://127.0.0.1:$$TRAFFICWATCH_FEED_PORT $(MAKE) --no-print-directory _airflow
+	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
 
 up: install ## run the whole stack against the live Rennes API
 	$(ENV) $(TW) service start s3
 	$(ENV) $(MAKE) --no-print-directory _airflow
+	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
 
 _airflow:
@@ -54,12 +56,14 @@ _airflow:
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
 
 stop: ## stop every local service
+	-$(ENV) $(TW) service stop superset
 	-$(ENV) $(TW) service stop airflow
 	-$(ENV) $(TW) service stop feed
 	-$(ENV) $(TW) service stop s3
 
 status: ## what runs, and where
-	@$(ENV) for s in s3 feed airflow; do $(TW) service status $$s || true; done; \
+	@$(ENV) for s in s3 feed airflow superset; do $(TW) service status $$s || true; done; \
+	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \
 	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"

@@ -1,0 +1,115 @@
+"""Superset configuration for TrafficWatch, read by `superset` through SUPERSET_CONFIG_PATH.
+
+Everything comes from the environment (`scripts/env.sh` generates the local secrets). Superset refuses to
+start here without a real SECRET_KEY. The dashboards read the serving DuckDB, which the pipeline replaces
+every minute by an atomic rename, so caches last one minute and every query opens its own read-only
+connection (see bootstrap.py, which registers the database).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from flask import Flask, Response, redirect, request
+from flask_login import current_user
+
+_REPO = Path(__file__).resolve().parents[1]
+_PLACEHOLDER_KEYS = {"", "CHANGE_ME_TO_A_COMPLEX_RANDOM_SECRET", "thisISaSECRET_1234", "secret", "changeme"}
+
+
+def _secret_key() -> str:
+    key = os.environ.get("SUPERSET_SECRET_KEY", "")
+    if key in _PLACEHOLDER_KEYS or len(key) < 32:
+        sys.exit(
+            "superset_config: SUPERSET_SECRET_KEY is missing, a known default or shorter than 32 characters: "
+            "set a random one (`source scripts/env.sh` generates it into $TRAFFICWATCH_HOME/secrets.env)"
+        )
+    return key
+
+
+SECRET_KEY = _secret_key()
+
+TRAFFICWATCH_HOME = Path(os.environ.get("TRAFFICWATCH_HOME") or _REPO / ".data")
+DATA_DIR = str(TRAFFICWATCH_HOME / "superset")
+Path(DATA_DIR).mkdir(parents=True, exist_ok=True)
+SQLALCHEMY_DATABASE_URI = os.environ.get("SUPERSET_DATABASE_URI") or (
+    f"sqlite:///{DATA_DIR}/superset.db?check_same_thread=false"
+)
+UPLOAD_FOLDER = f"{DATA_DIR}/uploads/"
+IMG_UPLOAD_FOLDER = f"{DATA_DIR}/uploads/"
+
+APP_NAME = "TrafficWatch"
+LOGO_RIGHT_TEXT = "Rennes Métropole live traffic"
+
+# The serving file changes every minute: a minute of cache at most, and auto-refresh reads through it
+# ("fetch") instead of forcing every open dashboard to query DuckDB again.
+_ONE_MINUTE = 60
+DATA_CACHE_CONFIG = {
+    "CACHE_TYPE": "FileSystemCache",
+    "CACHE_DIR": f"{DATA_DIR}/cache/data",
+    "CACHE_DEFAULT_TIMEOUT": _ONE_MINUTE,
+    "CACHE_THRESHOLD": 2000,
+    "CACHE_KEY_PREFIX": "tw_data_",
+}
+CACHE_CONFIG = {
+    "CACHE_TYPE": "FileSystemCache",
+    "CACHE_DIR": f"{DATA_DIR}/cache/meta",
+    "CACHE_DEFAULT_TIMEOUT": 300,
+    "CACHE_KEY_PREFIX": "tw_meta_",
+}
+DASHBOARD_AUTO_REFRESH_MODE = "fetch"
+
+# OpenStreetMap tiles only: no Mapbox key needed. Offline, the tiles fail fast and the roads still draw.
+_OSM_TILES = "https://tile.openstreetmap.org"
+DECKGL_BASE_MAP = [[f"{_OSM_TILES}/{{z}}/{{x}}/{{y}}.png", "OpenStreetMap"]]
+
+# Superset's default policy, less the hosts we do not use, plus 'unsafe-eval': the maps colour each
+# segment with a js_data_mutator, which Superset runs in an eval sandbox; without it the mutator fails
+# silently and the maps stay blank. Only admins can save chart JavaScript (viewers cannot edit charts).
+_FONT_HOSTS = ["https://fonts.googleapis.com", "https://fonts.gstatic.com"]
+TALISMAN_ENABLED = True
+TALISMAN_CONFIG = {
+    "content_security_policy": {
+        "base-uri": ["'self'"],
+        "default-src": ["'self'"],
+        "img-src": ["'self'", "blob:", "data:", _OSM_TILES],
+        "worker-src": ["'self'", "blob:"],
+        "connect-src": ["'self'", _OSM_TILES],
+        "object-src": "'none'",
+        "style-src": ["'self'", "'unsafe-inline'", *_FONT_HOSTS],
+        "font-src": ["'self'", *_FONT_HOSTS],
+        "script-src": ["'self'", "'strict-dynamic'", "'unsafe-eval'"],
+    },
+    "content_security_policy_nonce_in": ["script-src"],
+    "force_https": False,
+    "session_cookie_secure": False,
+}
+
+# Dashboard legends are Markdown with coloured swatches: allow inline style, nothing more.
+HTML_SANITIZATION_SCHEMA_EXTENSIONS = {"attributes": {"span": ["style"]}}
+
+FEATURE_FLAGS = {"DASHBOARD_RBAC": False, "ENABLE_JAVASCRIPT_CONTROLS": False, "ALERT_REPORTS": False}
+
+# Anonymous visitors get nothing unless TRAFFICWATCH_SUPERSET_PUBLIC=1, which gives them exactly the
+# permissions of the read-only TrafficViewer role (created by bootstrap.py).
+PUBLIC = os.environ.get("TRAFFICWATCH_SUPERSET_PUBLIC", "0") == "1"
+AUTH_ROLE_PUBLIC = "TrafficViewer" if PUBLIC else "Public"
+
+# Viewers land on the live map instead of Superset's welcome page; admins keep it.
+HOME_DASHBOARD = "/superset/dashboard/live-traffic/"
+
+
+def _viewers_home(app: Flask) -> None:
+    @app.before_request
+    def redirect_home() -> Response | None:
+        if request.method != "GET" or request.path not in ("/", "/superset/welcome/"):
+            return None
+        roles = {role.name for role in getattr(current_user, "roles", None) or []}
+        if "Admin" in roles or (current_user.is_anonymous and not PUBLIC):
+            return None
+        return redirect(HOME_DASHBOARD)
+
+
+FLASK_APP_MUTATOR = _viewers_home

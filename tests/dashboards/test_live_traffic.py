@@ -1,0 +1,160 @@
+"""The viewer opens "Live traffic" in a real browser: every chart renders, the maps draw the network.
+
+Waits on page state (chart containers filled, no spinner, map canvases sized and painted), never on
+network idle: the base map asks an OpenStreetMap tile host that is unreachable offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+from playwright.sync_api import BrowserContext, Page
+
+from .conftest import REPO, SupersetInstance
+
+pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
+
+ARTIFACTS = REPO / "test-artifacts"
+LIVE_TRAFFIC = REPO / "superset" / "bundle" / "dashboards" / "live_traffic.yaml"
+SEGMENTS_IN_SAMPLE = "2,859"
+# Status colours of the map (js_data_mutator of map_traffic_status.yaml): free flow, heavy, congested.
+STATUS_COLORS = {"freeFlow": (46, 158, 68), "heavy": (242, 140, 40), "congested": (224, 32, 32)}
+
+TABLE_ROWS = '[data-test-chart-name="Most congested roads now"] tbody tr'
+ONLY_ROAD_IN_TABLE = f"""(road) => {{
+  const rows = Array.from(document.querySelectorAll('{TABLE_ROWS}'));
+  return rows.length === 1 && rows[0].querySelector('td').innerText.trim() === road;
+}}"""
+MAP_CANVAS_SIZES = "() => Array.from(document.querySelectorAll('canvas#deckgl-overlay'), c => [c.width, c.height])"
+ALL_CHARTS_SETTLED = """(expected) => {
+  const charts = document.querySelectorAll('[data-test-chart-id]');
+  if (charts.length < expected) return false;
+  for (const chart of charts) {
+    if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) continue;  // reported below
+    if (chart.querySelector('[data-test="loading-indicator"]')) return false;
+    if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
+    const canvas = chart.querySelector('canvas#deckgl-overlay');
+    if (chart.getAttribute('data-test-viz-type') === 'deck_path' && (!canvas || canvas.width <= 300)) return false;
+  }
+  return true;
+}"""
+
+CHART_ERRORS = """() => Array.from(document.querySelectorAll('[data-test-chart-id]'))
+  .filter(chart => chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')
+                   || !chart.querySelector('[data-test="chart-container"]'))
+  .map(chart => `${chart.getAttribute('data-test-chart-name')}: ${chart.innerText.slice(0, 300)}`)"""
+
+# Decode a PNG in the page (no imaging library in the test environment) and count pixels of each colour.
+COUNT_COLORS = """async ([png, colors]) => {
+  const image = new Image();
+  image.src = 'data:image/png;base64,' + png;
+  await image.decode();
+  const canvas = document.createElement('canvas');
+  canvas.width = image.width;
+  canvas.height = image.height;
+  const context = canvas.getContext('2d');
+  context.drawImage(image, 0, 0);
+  const data = context.getImageData(0, 0, image.width, image.height).data;
+  const counts = Object.fromEntries(Object.keys(colors).map(name => [name, 0]));
+  for (let i = 0; i < data.length; i += 4) {
+    for (const [name, [r, g, b]] of Object.entries(colors)) {
+      const near = Math.abs(data[i] - r) < 16 && Math.abs(data[i + 1] - g) < 16 && Math.abs(data[i + 2] - b) < 16;
+      if (near) counts[name]++;
+    }
+  }
+  return counts;
+}"""
+
+
+def chart_count(dashboard_yaml: Path) -> int:
+    position = yaml.safe_load(dashboard_yaml.read_text())["position"]
+    return sum(1 for node in position.values() if isinstance(node, dict) and node.get("type") == "CHART")
+
+
+def log_in(context: BrowserContext, superset: SupersetInstance, username: str, password: str) -> Page:
+    page = context.new_page()
+    # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
+    page.set_default_timeout(120_000)
+    page.goto(f"{superset.url}/login/")
+    page.fill('[data-test="username-input"]', username)
+    page.fill('[data-test="password-input"]', password)
+    page.click('[data-test="login-button"]')
+    page.wait_for_url(lambda url: "/login" not in url, timeout=60_000)
+    return page
+
+
+def kpi_text(page: Page, chart_name: str) -> str:
+    return page.locator(f'[data-test-chart-name="{chart_name}"] .header-line').inner_text().strip()
+
+
+def map_colors(page: Page, chart_name: str, timeout_s: float = 60) -> dict[str, int]:
+    """Pixels of each status colour in the map, once the map has painted them (deck.gl draws a frame later)."""
+    chart = page.locator(f'[data-test-chart-name="{chart_name}"] [data-test="chart-container"]')
+    deadline = time.monotonic() + timeout_s
+    while True:
+        png = base64.b64encode(chart.screenshot(timeout=120_000)).decode()
+        counts = page.evaluate(COUNT_COLORS, [png, STATUS_COLORS])
+        if all(counts.values()) or time.monotonic() > deadline:
+            return counts
+        time.sleep(2)
+
+
+def test_viewer_sees_live_traffic_and_no_sql_lab(
+    superset: SupersetInstance, browser: BrowserContext, serving_db: Path
+) -> None:
+    page = log_in(browser, superset, "viewer", superset.viewer_password)
+    console_errors: list[str] = []
+    page.on("pageerror", lambda error: console_errors.append(str(error)))
+
+    # The viewer's home is the live dashboard.
+    page.goto(superset.url + "/")
+    page.wait_for_url("**/superset/dashboard/live-traffic/", timeout=60_000)
+
+    expected = chart_count(LIVE_TRAFFIC)
+    page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
+    assert page.evaluate(CHART_ERRORS) == []
+    assert page.locator("[data-test-chart-id]").count() == expected
+
+    assert kpi_text(page, "Segments") == SEGMENTS_IN_SAMPLE
+    with duckdb.connect(str(serving_db), read_only=True) as con:
+        (reporting,) = con.execute("SELECT segments_reporting FROM network_kpis_latest").fetchone()
+    assert kpi_text(page, "Reporting") == f"{reporting:,}"
+
+    sizes = page.evaluate(
+        "() => Array.from(document.querySelectorAll('canvas#deckgl-overlay'), c => [c.width, c.height])"
+    )
+    assert len(sizes) == 2
+    assert all(width > 300 and height > 150 for width, height in sizes), sizes  # 300x150: WebGL never started
+    counts = map_colors(page, "Traffic now, by status")
+    assert all(count > 50 for count in counts.values()), f"the status map did not draw the network: {counts}"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live_traffic.png"), full_page=True, timeout=180_000)
+    assert page.locator("[data-test-chart-id]").count() == expected
+    assert page.evaluate(CHART_ERRORS) == []
+    assert console_errors == []
+
+    # The Road filter drives the maps, the road charts and the table; the network-wide tiles ignore it.
+    road = page.locator(f"{TABLE_ROWS} td").first.inner_text().strip()
+    page.locator('[data-test="NATIVE_FILTER-live-road"] .ant-select-selector').click()
+    page.keyboard.type(road)
+    page.locator(f'.ant-select-item-option[title="{road}"]').click()
+    page.keyboard.press("Escape")
+    page.click('[data-test="filter-bar__apply-button"]')
+    page.wait_for_function(ONLY_ROAD_IN_TABLE, arg=road, timeout=120_000, polling=1000)
+    page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=120_000, polling=1000)
+    assert page.evaluate(CHART_ERRORS) == []
+    assert kpi_text(page, "Segments") == SEGMENTS_IN_SAMPLE
+
+    # No SQL Lab for viewers: neither the page nor its API.
+    response = page.goto(superset.url + "/sqllab/")
+    assert response is not None and response.status == 403
+    assert page.locator(".SqlEditor, [data-test='sql-editor-tabs']").count() == 0
+    assert page.request.get(superset.url + "/api/v1/database/").status == 403
+    assert page.request.get(superset.url + "/api/v1/sqllab/").status == 403
+    page.close()
