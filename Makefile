@@ -11,7 +11,8 @@ TW := $(VENV)/bin/trafficwatch
 # The demo feed publishes a new simulated snapshot every minute, in real time.
 DEMO_FEED_ARGS ?= --interval 60
 
-.PHONY: help install test lint demo up stop status clean-data
+.PHONY: help install test lint demo up stop status clean-data bench
+BENCH_ARGS ?=
 
 # Superset's own environment and bootstrap live beside its configuration.
 include superset/superset.mk
@@ -54,6 +55,9 @@ _airflow:
 	$(VENV)/bin/airflow db migrate > "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log" 2>&1 || \
 	  { tail -20 "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log"; exit 1; }
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
+
+bench: install ## benchmarks (own local S3 on free ports, data cached in .data/bench; BENCH_ARGS=--profile)
+	$(ENV) $(VENV)/bin/python bench/lake_merge.py $(BENCH_ARGS)
 
 stop: ## stop every local service
 	-$(ENV) $(TW) service stop superset
