@@ -65,9 +65,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from trafficwatch import lake
+    from trafficwatch import serving
 
-    print(json.dumps(lake.status(load_settings()), indent=2))
+    print(json.dumps(serving.status(load_settings()), indent=2))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from trafficwatch import serving
+
+    try:
+        result = serving.build(load_settings(), full_refresh=args.full_refresh)
+    except serving.BuildError as error:
+        print(f"build failed: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
     return 0
 
 
@@ -176,11 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--end", type=_utc, required=True, help="ISO 8601, exclusive (UTC if no offset)")
     backfill.set_defaults(func=_cmd_backfill)
 
+    build = commands.add_parser(
+        "build",
+        help="dbt build of the marts, then publish the serving DuckDB (what the marts DAG runs)",
+        description="Run one `dbt build` of dbt_project/ into $TRAFFICWATCH_HOME/warehouse/traffic.duckdb "
+        "(models and their data tests), then publish the marts to the serving file "
+        "($TRAFFICWATCH_HOME/serving/traffic.duckdb or TRAFFICWATCH_SERVING_DB) by atomic replace. Exit 1 "
+        "with a one-line reason, naming any failing data test, when nothing was published.",
+    )
+    build.add_argument(
+        "--full-refresh", action="store_true", help="rebuild the incremental marts from the whole lake history"
+    )
+    build.set_defaults(func=_cmd_build)
+
     status = commands.add_parser(
         "status",
-        help="JSON for operators: raw, pending and quarantined objects, latest measurement, tables",
+        help="JSON for operators: raw, pending and quarantined objects, latest measurement, tables, serving file",
         description="Print, as JSON: raw_objects, pending_raw_objects, quarantined_objects, "
-        "latest_measured_at, and for each Delta table its uri, version, rows and files.",
+        "latest_measured_at, for each Delta table its uri, version, rows and files, and serving_db (the "
+        "serving DuckDB's path) with serving_built_at (when it was last published, null if never).",
     )
     status.set_defaults(func=_cmd_status)
 
