@@ -1,0 +1,234 @@
+"""Benchmark of the marts step (`trafficwatch.serving.build`): one build-and-publish cycle after a new snapshot,
+with 30 days of history in the lake.
+
+What is measured (figures only: nothing here asserts a time)
+-------------------------------------------------------------
+A cycle is what the `traffic_marts` DAG task does after a merge: `serving.build(settings)`, i.e. one
+`dbt build` (17 models, 49 data tests) into the warehouse DuckDB, then the publish of the serving DuckDB
+by atomic replace. Before each cycle, one new snapshot (2,859 records) is merged into the lake (not
+timed). Two series, each giving a median:
+
+1. each cycle in a fresh spawned process, as an Airflow task runs it: importing dbt (~5 s of CPU, done
+   inside `build`) is part of the cycle; only the interpreter's start is not;
+2. cycles in one process that has imported dbt already (its first cycle, which imports it, is left out).
+
+Every run is printed with its dbt / publish split and the load average.
+
+The data
+--------
+The 30-day lake history (123.5 M observations) is the one `bench/lake_merge.py` builds and caches in
+`$TRAFFICWATCH_HOME/bench` (default `.data/bench`): this script reuses its SeaweedFS data, cache manifest,
+functions and the new snapshots it landed (next day, 00:00 onwards), building them first if they are
+missing. The marts of that history (a full dbt build over 30 days, a one-off of several minutes) are
+cached beside it in `bench/marts/<history id>-<dbt project hash>/`; each run works on a copy of them, and the history is
+restored to its cached state afterwards. The two benches share that directory: run them one after the
+other (`make bench` does).
+
+Run: `make bench`, or `.venv/bin/python bench/marts_build.py [--cycles N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from trafficwatch import lake, services, serving
+from trafficwatch.config import Settings
+
+HISTORY_DAYS = 30
+DEFAULT_CYCLES = 5  # per series: the lake bench lands 11 new snapshots, 2 x 5 + 1 warm-up
+TARGET_CYCLE_S = 10.0
+
+log = logging.getLogger("bench")
+
+
+def lake_bench() -> ModuleType:
+    """bench/lake_merge.py as a module: its S3 server, cache and 30-day history are reused here."""
+    path = Path(__file__).resolve().parent / "lake_merge.py"
+    spec = importlib.util.spec_from_file_location("lake_merge_bench", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # spawned children find it by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+LM = lake_bench()
+
+
+def ensure_one_day(s3: Any, manifest: Any) -> dict[str, Any]:
+    """The lake bench's cached 1-day history (what its 30-day history is made of), or one backfill to make it."""
+    one_day = LM.cached_history(s3, manifest, 1)
+    if one_day:
+        return one_day
+    manifest.put("history_1d", None)
+    print("1-day history: one backfill of the day's snapshots ...", flush=True)
+    LM.backfill_run(s3, LM.HISTORY_BUCKETS[1])
+    lake.maintain(LM.settings_for(LM.HISTORY_BUCKETS[1]))
+    return LM.record_history(manifest, 1)
+
+
+def marts_config(root: Path) -> serving.ServingConfig:
+    return serving.ServingConfig(
+        home=root,
+        warehouse_db=root / "warehouse" / "traffic.duckdb",
+        serving_db=root / "serving" / "traffic.duckdb",
+        serving_days=serving.DEFAULT_SERVING_DAYS,
+    )
+
+
+def history_settings(root: Path) -> Settings:
+    return replace(LM.settings_for(LM.HISTORY_BUCKETS[HISTORY_DAYS]), home=root)
+
+
+def _full_build_child(root: str) -> dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING)
+    path = Path(root)
+    started = time.perf_counter()
+    result = serving.build(history_settings(path), marts_config(path), full_refresh=True)
+    return {"seconds": time.perf_counter() - started, "rows": result.rows}
+
+
+def project_fingerprint() -> str:
+    """What the cached marts depend on besides the history: the dbt project's models and macros."""
+    digest = hashlib.sha256()
+    for path in sorted(serving.DBT_PROJECT_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".sql", ".yml") and "target" not in path.parts:
+            digest.update(str(path.relative_to(serving.DBT_PROJECT_DIR)).encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def ensure_cached_marts(home: Path, history: dict[str, Any]) -> Path:
+    """The marts of the cached 30-day history, built once (full refresh) per history and dbt project."""
+    root = home / "marts" / f"{history['id']}-{project_fingerprint()}"
+    done = root / "complete"
+    if done.is_file():
+        print(f"30-day marts: cached in {root}")
+        return root
+    for stale in (home / "marts").glob("*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    print("30-day marts: first full dbt build over the whole history (a one-off) ...", flush=True)
+    built = LM.in_child(_full_build_child, str(root))
+    print(f"30-day marts: built in {built['seconds']:.0f} s; published rows {built['rows']}")
+    done.write_text(history["id"])
+    return root
+
+
+def working_copy(cached: Path, work: Path) -> None:
+    """A copy of the cached marts to run cycles on: the cache stays as the history it matches."""
+    shutil.rmtree(work, ignore_errors=True)
+    for part in ("warehouse", "serving", "dbt", "duckdb"):
+        if (cached / part).exists():
+            shutil.copytree(cached / part, work / part)
+
+
+def _cycles_child(root: str, keys: list[str]) -> list[dict[str, Any]]:
+    """For each key, merge that new snapshot (not timed), then build and publish, in this one process."""
+    logging.basicConfig(level=logging.WARNING)
+    path = Path(root)
+    settings = history_settings(path)
+    s3 = LM.s3_client()
+    cycles = []
+    for key in keys:
+        LM.copy_objects(s3, LM.RAW_BUCKET, settings.bucket, [key])
+        merged = lake.merge_objects(settings, [LM.raw_object(s3, settings.bucket, key)])
+        if merged.observations != LM.RECORDS:
+            raise RuntimeError(f"{key}: expected {LM.RECORDS} new observations, got {merged.as_dict()}")
+        fresh = "dbt.cli.main" not in sys.modules
+        started = time.perf_counter()
+        result = serving.build(settings, marts_config(path))
+        cycles.append(
+            {
+                "key": key,
+                "fresh": fresh,
+                "seconds": time.perf_counter() - started,
+                "dbt": result.dbt_seconds,
+                "publish": result.publish_seconds,
+                "full_publish": result.full_publish,
+                "merge": merged.seconds,
+            }
+        )
+        print(f"  {key}: {cycles[-1]['seconds']:.2f} s{' (imports dbt)' if fresh else ''}", flush=True)
+    return cycles
+
+
+def summary(cycles: list[dict[str, Any]]) -> str:
+    return (
+        f"median {statistics.median(c['seconds'] for c in cycles):.2f} s over {len(cycles)} cycles "
+        f"(dbt {statistics.median(c['dbt'] for c in cycles):.2f} s, "
+        f"publish {statistics.median(c['publish'] for c in cycles):.2f} s)"
+    )
+
+
+def report(cold: list[dict[str, Any]], warm: list[dict[str, Any]], observations: int) -> None:
+    print(f"\n=== marts build benchmark ({HISTORY_DAYS}-day history, {observations:,} observations) ===")
+    print(f"load average now (1/5/15 min): {LM.load_text()} on {os.cpu_count()} CPUs")
+    for c in cold + warm:
+        kind = "whole copy" if c["full_publish"] else "patched"
+        print(
+            f"{c['key']}: {c['seconds']:.2f} s = dbt build {c['dbt']:.2f} s"
+            f"{' (incl. importing dbt)' if c['fresh'] else ''} + publish {c['publish']:.2f} s ({kind}); "
+            f"the merge before it: {c['merge']:.2f} s"
+        )
+    median_cold = statistics.median(c["seconds"] for c in cold)
+    print(f"cycle in a fresh process, as the DAG task runs it (dbt imported each time): {summary(cold)}")
+    print(f"cycle in a process that has imported dbt already: {summary(warm)}")
+    verdict = "met" if median_cold <= TARGET_CYCLE_S else "MISSED"
+    print(f"[target <= {TARGET_CYCLE_S:.0f} s for the DAG's cycle: {verdict}]")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--cycles", type=int, default=DEFAULT_CYCLES, help="cycles per series (at most 5)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    home = LM.bench_home()
+    if services.running_pid(home, "s3"):
+        print(f"another benchmark is using {home}/s3: run the benches one after the other", file=sys.stderr)
+        return 1
+    manifest = LM.Manifest.load(home)
+    print(f"bench data: {home}; load average (1/5/15 min): {LM.load_text()} on {os.cpu_count()} CPUs")
+    with LM.bench_s3(home) as endpoint:
+        print(f"S3: {endpoint} (SeaweedFS, random keys)")
+        s3 = LM.s3_client()
+        LM.ensure_raw_zone(s3)
+        history = LM.ensure_history_30d(s3, manifest, ensure_one_day(s3, manifest))
+        observations = history["tables"][lake.OBSERVATIONS]["rows"]
+        cached = ensure_cached_marts(home, history)
+        work = home / "marts-work"
+        working_copy(cached, work)
+        keys = LM.new_keys()
+        if len(keys) < 2 * args.cycles + 1:
+            raise RuntimeError(
+                f"{len(keys)} new snapshots in the lake bench's raw zone: at most {len(keys) // 2 - 1} cycles"
+            )
+        cold, warm = [], []
+        try:
+            print(f"{args.cycles} cycles, each in a fresh process (merge one new snapshot, then build and publish):")
+            for key in keys[: args.cycles]:
+                cold += LM.in_child(_cycles_child, str(work), [key])
+            print(f"{args.cycles} cycles in one process, after one that imports dbt:")
+            warm = LM.in_child(_cycles_child, str(work), keys[args.cycles : 2 * args.cycles + 1])[1:]
+        finally:
+            if not LM.restore_history(s3, history_settings(work), history["tables"]):
+                print("warning: the 30-day history could not be restored; the next run rebuilds it", file=sys.stderr)
+            shutil.rmtree(work, ignore_errors=True)
+        report(cold, warm, observations)
+    print(f"\ntotal wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""
+### Traffic marts: dbt build after every merge, then the serving DuckDB the dashboards read
+
+Runs whenever `traffic_merge` has merged new snapshots (asset `traffic_lake_observations`); events that
+arrive while a run is going are served together by the next run.
+
+One `dbt build` (dbt-duckdb, project `dbt_project/`) reads the Delta tables in place and builds the
+speed and travel-time marts into the warehouse DuckDB (`$TRAFFICWATCH_HOME/warehouse/traffic.duckdb`),
+each model followed by its data tests. Large marts are incremental: a build's cost follows the new data,
+not the history. Then the marts are published to the serving file (`$TRAFFICWATCH_HOME/serving/traffic.duckdb`)
+by atomic replace, so a dashboard never sees a lock error or a half-built state.
+
+If a data test fails, nothing is published (the dashboards keep the previous file), the task fails with
+the failing tests named in one line, and it is not retried: the same data would fail the same way. The
+dbt log above that line shows each test's result. Other errors are retried once. Same function as
+`trafficwatch build`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from trafficwatch.assets import LAKE_OBSERVATIONS, SERVING_DB
+
+
+@dag(
+    schedule=[LAKE_OBSERVATIONS],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,  # the warehouse DuckDB file has a single writer: builds must not overlap
+    doc_md=__doc__,
+    tags=["trafficwatch", "dbt", "marts"],
+    default_args={"owner": "trafficwatch", "retries": 1, "retry_delay": timedelta(seconds=30)},
+)
+def traffic_marts() -> None:
+    @task(outlets=[SERVING_DB], execution_timeout=timedelta(minutes=30))
+    def build_and_publish_marts() -> dict:
+        from trafficwatch.config import load_settings
+        from trafficwatch.serving import DataTestsFailed, build
+
+        try:
+            return build(load_settings()).as_dict()
+        except DataTestsFailed as failure:
+            raise AirflowFailException(str(failure)) from None
+
+    build_and_publish_marts()
+
+
+traffic_marts()

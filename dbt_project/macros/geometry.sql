@@ -1,0 +1,11 @@
+{#- A GeoJSON LineString or MultiLineString as one JSON array of [lon, lat] points, the path shape
+    deck.gl draws: the parts of a MultiLineString are concatenated, any third coordinate dropped. -#}
+{% macro path_json(geojson) -%}
+    to_json(list_transform(
+        case json_extract_string({{ geojson }}, '$.type')
+            when 'MultiLineString' then flatten(cast(json_extract({{ geojson }}, '$.coordinates') as double[][][]))
+            else cast(json_extract({{ geojson }}, '$.coordinates') as double[][])
+        end,
+        point -> point[1:2]
+    ))::varchar
+{%- endmacro %}

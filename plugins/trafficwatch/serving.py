@@ -1,0 +1,558 @@
+"""Marts: one `dbt build` of the warehouse DuckDB, then the atomic publish of the serving DuckDB.
+
+dbt (dbt-duckdb, project in `dbt_project/`) reads the lake's Delta tables in place through DuckDB's delta
+extension and builds the marts into its own warehouse file, `$TRAFFICWATCH_HOME/warehouse/traffic.duckdb`.
+Dashboards never open that file: DuckDB allows one writer or many readers, never both, so a dashboard
+holding it would block the build and the build would break the dashboard.
+
+After a build whose every data test passed, the marts are published to the serving file
+(`$TRAFFICWATCH_HOME/serving/traffic.duckdb`, or TRAFFICWATCH_SERVING_DB): a new file is written beside it,
+checkpointed, fsynced, renamed over it (`os.replace`, atomic on POSIX) and made durable by an fsync of the
+directory. A reader opening the serving path gets the previous file or the new one, complete either way,
+and no lock error: nobody ever writes the serving file in place. The new file is normally a copy of the
+previous one patched with the rows the build changed, so a publish costs what the new data costs, not
+what the history weighs; a whole copy of the marts is written the first time, after a full refresh, once
+a day (to reclaim deleted rows) and whenever a patched mart does not match the warehouse. The 15-minute
+marts and the congestion events keep only the last TRAFFICWATCH_SERVING_DAYS days (default 30) there;
+the warehouse keeps all.
+
+The DuckDB extensions (httpfs, delta) are installed from their PyPI wheels into
+`$TRAFFICWATCH_HOME/duckdb/extensions`, the `extension_directory` of the dbt profile, so dbt-duckdb's
+INSTALL/LOAD finds them there and never downloads anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from trafficwatch.config import REPO_ROOT, ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+EXTENSIONS = ("httpfs", "delta")
+WAREHOUSE_NAME = "traffic"  # dbt-duckdb names the warehouse catalog after its file: traffic.duckdb
+DEFAULT_SERVING_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Mart:
+    """A mart of the serving file, and how it is published.
+
+    `keep`: which rows the serving file keeps (SQL on $cutoff, the start of the serving window).
+    `watermark` and `changed`: for marts patched in place, the rows that may have changed since the
+    previous publish, `changed` being SQL on $since, the `watermark` read from the previous file; this
+    is the rule the dbt model itself uses to rebuild rows. `key`: set for the road marts, whose typical
+    values (joined from the all-history profile) are refreshed on every publish.
+    """
+
+    name: str
+    keep: str | None = None
+    watermark: str | None = None
+    changed: str | None = None
+    key: tuple[str, ...] = ()
+
+
+# What the dashboards read, in the serving file's `main` schema.
+MARTS = (
+    Mart("segment_latest"),
+    Mart("network_kpis_latest"),
+    Mart("road_hour_of_week_profile"),
+    Mart(
+        "segment_traffic_15min",
+        keep="bucket_start > $cutoff",
+        watermark="max(bucket_start)",
+        changed="bucket_start >= $since",
+    ),
+    Mart(
+        "road_traffic_15min",
+        keep="bucket_start > $cutoff",
+        watermark="max(bucket_start)",
+        changed="bucket_start >= $since",
+        key=("road_name", "bucket_start"),
+    ),
+    Mart(
+        "road_traffic_hourly",
+        watermark="max(hour_start)",
+        changed="hour_start >= $since",
+        key=("road_name", "hour_start"),
+    ),
+    Mart(
+        "congestion_events",
+        keep="ended_at IS NULL OR ended_at > $cutoff",
+        watermark="max(started_at)",
+        changed="ended_at IS NULL OR ended_at > $since",
+    ),
+)
+TYPICAL_COLUMNS = ("typical_speed_kmh", "typical_travel_time_s")
+EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+PUBLISH_FORMAT = 1
+# A patched file keeps deleted rows' space until a whole copy rewrites it: one whole copy a day.
+FULL_PUBLISH_EVERY = timedelta(hours=24)
+
+
+class BuildError(RuntimeError):
+    """The marts could not be built or published; the message is one line for the operator."""
+
+
+class DataTestsFailed(BuildError):
+    """dbt data tests failed: the data is wrong, so nothing was published (retrying will not help)."""
+
+    def __init__(self, message: str, tests: list[str]) -> None:
+        super().__init__(message)
+        self.tests = tests
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Where the marts are built and published, and how much the serving file keeps."""
+
+    home: Path
+    warehouse_db: Path
+    serving_db: Path
+    serving_days: int
+
+    @property
+    def extension_dir(self) -> Path:
+        return self.home / "duckdb" / "extensions"
+
+    @property
+    def dbt_dir(self) -> Path:
+        """dbt's target and logs: per home, so partial parsing state follows the warehouse it describes."""
+        return self.home / "dbt"
+
+    @classmethod
+    def from_env(cls, settings: Settings) -> ServingConfig:
+        raw_days = os.environ.get("TRAFFICWATCH_SERVING_DAYS") or str(DEFAULT_SERVING_DAYS)
+        try:
+            days = int(raw_days)
+        except ValueError:
+            raise ConfigError(f"TRAFFICWATCH_SERVING_DAYS={raw_days!r} is not a whole number of days") from None
+        if days < 1:
+            raise ConfigError(f"TRAFFICWATCH_SERVING_DAYS={days} must be at least 1")
+        return cls(
+            home=settings.home,
+            warehouse_db=settings.home / "warehouse" / f"{WAREHOUSE_NAME}.duckdb",
+            serving_db=serving_db_path(settings),
+            serving_days=days,
+        )
+
+
+def serving_db_path(settings: Settings) -> Path:
+    """The file dashboards open read-only: TRAFFICWATCH_SERVING_DB, else $TRAFFICWATCH_HOME/serving/traffic.duckdb."""
+    override = os.environ.get("TRAFFICWATCH_SERVING_DB")
+    return Path(override).resolve() if override else settings.home / "serving" / "traffic.duckdb"
+
+
+@dataclass
+class BuildResult:
+    serving_db: Path
+    built_at: datetime
+    latest_measured_at: datetime | None
+    nodes: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    full_publish: bool = True
+    dbt_seconds: float = 0.0
+    publish_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "serving_db": str(self.serving_db),
+            "built_at": self.built_at.isoformat(),
+            "latest_measured_at": self.latest_measured_at.isoformat() if self.latest_measured_at else None,
+            "nodes": self.nodes,
+            "rows": self.rows,
+            "full_publish": self.full_publish,
+            "dbt_seconds": round(self.dbt_seconds, 3),
+            "publish_seconds": round(self.publish_seconds, 3),
+        }
+
+    def summary(self) -> str:
+        nodes = ", ".join(f"{count} {kind}" for kind, count in sorted(self.nodes.items()))
+        latest = self.latest_measured_at.isoformat() if self.latest_measured_at else "no data"
+        return (
+            f"built {nodes} in {self.dbt_seconds:.1f} s; published {len(self.rows)} marts "
+            f"({'whole copy' if self.full_publish else 'patched'}, "
+            f"{sum(self.rows.values()):,} rows, latest measurement {latest}) to {self.serving_db} "
+            f"in {self.publish_seconds:.1f} s"
+        )
+
+
+# --------------------------------------------------------------------------- DuckDB extensions
+
+
+def _wheel_extension(name: str) -> Path:
+    """The extension file shipped in the `duckdb-extension-NAME` wheel for this DuckDB version."""
+    spec = importlib.util.find_spec(f"duckdb_extension_{name}")
+    if spec is None or spec.origin is None:
+        raise BuildError(f"the DuckDB {name} extension is not installed: run `make install` (duckdb-extension-{name})")
+    path = Path(spec.origin).parent / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.is_file():
+        raise BuildError(f"{path} is missing: duckdb-extension-{name} must match duckdb {duckdb.__version__}")
+    return path
+
+
+def ensure_extensions(directory: Path) -> None:
+    """Install httpfs and delta from their wheels into `directory` unless they are there already."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"extension_directory": str(directory), "autoinstall_known_extensions": False}
+    with duckdb.connect(":memory:", config=config) as con:
+        installed = {
+            name
+            for (name,) in con.execute(
+                "select extension_name from duckdb_extensions() where installed and install_mode <> 'STATICALLY_LINKED'"
+            ).fetchall()
+        }
+        for name in EXTENSIONS:
+            if name not in installed:
+                con.execute(f"INSTALL '{_wheel_extension(name)}'")
+                log.info("installed the DuckDB %s extension from its wheel into %s", name, directory)
+
+
+# --------------------------------------------------------------------------- dbt
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or unset, for None) environment variables for the duration of the block: dbt reads its
+    profile and sources from the environment, and runs in this process."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _dbt_environment(settings: Settings, config: ServingConfig) -> dict[str, str | None]:
+    """What profiles.yml and __sources.yml read, taken from the settings so both always agree."""
+    return {
+        "TRAFFICWATCH_HOME": str(config.home),
+        "TRAFFICWATCH_BUCKET": settings.bucket,
+        "AWS_ENDPOINT_URL": settings.s3_endpoint_url,
+        "AWS_REGION": settings.aws_region,
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """dbt's multi-line messages ("Runtime Error in model X", then the cause) as one line."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _failure_message(results: list[Any]) -> tuple[str, list[str]]:
+    """One line naming what failed in a dbt run, and the names of the failing data tests."""
+    failed_tests = sorted(
+        r.node.name for r in results if r.node.resource_type == "test" and str(r.status) in ("fail", "error")
+    )
+    errored = [
+        f"{r.node.name}: {_one_line(r.message or 'error')}"
+        for r in results
+        if r.node.resource_type != "test" and str(r.status) == "error"
+    ]
+    parts = []
+    if failed_tests:
+        parts.append(f"{len(failed_tests)} data test(s) failed: {', '.join(failed_tests)}")
+    if errored:
+        parts.append(f"{len(errored)} model(s) errored: {'; '.join(errored)}")
+    return "; ".join(parts), failed_tests
+
+
+def _release_warehouse() -> None:
+    """Close the DuckDB connection dbt-duckdb keeps open between the nodes of a run.
+
+    It is kept open during the run (reopening would load the extensions and create the S3 secret again
+    for every model and test) but must be closed afterwards: the publish opens the warehouse read-only,
+    which DuckDB refuses while this process still holds it read-write.
+    """
+    from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+
+    with contextlib.suppress(Exception):  # nothing was opened (e.g. dbt failed to parse)
+        DuckDBConnectionManager.env().close()
+    DuckDBConnectionManager.close_all_connections()
+
+
+def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = False) -> dict[str, int]:
+    """One `dbt build` (models, then their data tests) into the warehouse; counts of nodes built by type.
+
+    Runs in this process with dbt's programmatic runner; partial parsing is kept in `config.dbt_dir`.
+    Raises DataTestsFailed naming the failing tests, BuildError for anything else that went wrong.
+    """
+    from dbt.cli.main import dbtRunner
+
+    ensure_extensions(config.extension_dir)
+    config.warehouse_db.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        "build",
+        "--project-dir", str(DBT_PROJECT_DIR),
+        "--profiles-dir", str(DBT_PROJECT_DIR),
+        "--target-path", str(config.dbt_dir / "target"),
+        "--log-path", str(config.dbt_dir / "logs"),
+        "--no-write-json",  # manifest.json and run_results.json: ~1 s a build that nobody reads here
+    ]  # fmt: skip
+    if full_refresh:
+        # Every incremental model then reads the whole history: one at a time bounds memory and S3 load.
+        args += ["--full-refresh", "--threads", "1"]
+    with _environment(_dbt_environment(settings, config)):
+        try:
+            outcome = dbtRunner().invoke(args)
+        finally:
+            _release_warehouse()
+    results = list(getattr(outcome.result, "results", None) or [])
+    if not outcome.success:
+        message, failed_tests = _failure_message(results)
+        if not message:
+            message = f"dbt could not run: {_one_line(str(outcome.exception or 'see the dbt log above'))}"
+        message = f"dbt build failed, serving file not published: {message}"
+        if failed_tests:
+            raise DataTestsFailed(message, failed_tests)
+        raise BuildError(message)
+    counts: dict[str, int] = {}
+    for result in results:
+        kind = "data tests" if result.node.resource_type == "test" else f"{result.node.resource_type}s"
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _quoted(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+@dataclass
+class Published:
+    rows: dict[str, int]
+    built_at: datetime
+    latest_measured_at: datetime | None
+    full: bool  # every mart copied whole (else the previous file was patched)
+
+
+def _reusable(con: duckdb.DuckDBPyConnection, config: ServingConfig, built_at: datetime) -> str | None:
+    """Why the previous serving file (attached as `serving`) cannot be patched, or None if it can."""
+    try:
+        row = con.execute("SELECT format, serving_days, marts, full_built_at FROM serving.meta.publish").fetchone()
+    except duckdb.Error:
+        return "it has no publish metadata"
+    if row is None:
+        return "its publish metadata is empty"
+    format_, days, marts, full_built_at = row
+    if (format_, days, marts) != (PUBLISH_FORMAT, config.serving_days, [m.name for m in MARTS]):
+        return "it was published with another layout or window"
+    if built_at - full_built_at > FULL_PUBLISH_EVERY:
+        return f"its last full copy is older than {FULL_PUBLISH_EVERY} (this one reclaims deleted rows)"
+    return None
+
+
+def _copy(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> None:
+    keep = f"WHERE {mart.keep}" if mart.keep else ""
+    con.execute(f"DROP TABLE IF EXISTS serving.main.{mart.name}")
+    con.execute(
+        f"CREATE TABLE serving.main.{mart.name} AS SELECT * FROM {WAREHOUSE_NAME}.main.{mart.name} {keep}",
+        {"cutoff": cutoff} if mart.keep else None,
+    )
+
+
+def _patch(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> bool:
+    """Bring a mart of the previous serving file up to date with the warehouse; False if it drifted.
+
+    The rows that may have changed since the previous publish are found from that file's own watermark
+    (the same rule the dbt model uses to rebuild them), replaced, and the rows out of the window dropped.
+    Typical values move with every build: they are refreshed where they changed. The row count is then
+    checked against the warehouse; a mismatch means the two diverged (e.g. after a full refresh).
+    """
+    served, source = f"serving.main.{mart.name}", f"{WAREHOUSE_NAME}.main.{mart.name}"
+    (since,) = con.execute(f"SELECT {mart.watermark} FROM {served}").fetchone()
+    since = since or EARLIEST  # an empty mart: every row is new
+    keep = f"AND ({mart.keep})" if mart.keep else ""
+    bounds = {"since": since, "cutoff": cutoff} if mart.keep else {"since": since}
+    con.execute(f"DELETE FROM {served} WHERE {mart.changed}", {"since": since})
+    con.execute(f"INSERT INTO {served} SELECT * FROM {source} WHERE ({mart.changed}) {keep}", bounds)
+    if mart.keep:
+        con.execute(f"DELETE FROM {served} WHERE NOT ({mart.keep})", {"cutoff": cutoff})
+    if mart.key:
+        on = " AND ".join(f"s.{column} = w.{column}" for column in mart.key)
+        differs = " OR ".join(f"s.{column} IS DISTINCT FROM w.{column}" for column in TYPICAL_COLUMNS)
+        assignments = ", ".join(f"{column} = w.{column}" for column in TYPICAL_COLUMNS)
+        window = f"(SELECT * FROM {source} WHERE {mart.keep})" if mart.keep else source
+        con.execute(
+            f"UPDATE {served} AS s SET {assignments} FROM {window} AS w WHERE {on} AND ({differs})",
+            {"cutoff": cutoff} if mart.keep else None,
+        )
+    (served_rows,) = con.execute(f"SELECT count(*) FROM {served}").fetchone()
+    (source_rows,) = con.execute(
+        f"SELECT count(*) FROM {source} {'WHERE ' + mart.keep if mart.keep else ''}",
+        {"cutoff": cutoff} if mart.keep else None,
+    ).fetchone()
+    return served_rows == source_rows
+
+
+def publish(config: ServingConfig, full: bool = False) -> Published:
+    """Publish the warehouse's marts to the serving file by atomic replace (under the build lock).
+
+    The new file is the previous serving file patched with what changed (its cost follows the new data),
+    or, when there is no usable previous file, when `full` is asked, once a day, or if a patched mart
+    does not match the warehouse, a whole copy of the marts.
+    """
+    target = config.serving_db
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so that os.replace stays on one filesystem and is atomic.
+    temporary = target.with_name(f"{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    built_at = datetime.now(UTC)
+    for stale in target.parent.glob(f"{target.name}.*.tmp*"):  # left by a publish that was killed
+        stale.unlink(missing_ok=True)
+    try:
+        published = None
+        if not full and target.is_file():
+            shutil.copyfile(target, temporary)
+            published = _publish_into(config, temporary, built_at, patch=True)
+        if published is None:
+            temporary.unlink(missing_ok=True)
+            published = _publish_into(config, temporary, built_at, patch=False)
+        _fsync(temporary)
+        os.replace(temporary, target)
+        _fsync(target.parent, directory=True)
+    finally:
+        temporary.unlink(missing_ok=True)
+        temporary.with_name(temporary.name + ".wal").unlink(missing_ok=True)
+    return published
+
+
+def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: bool) -> Published | None:
+    """Write the marts into the file at `path` (patching what it holds if `patch`); None if it cannot be
+    patched, and then `path` is left unchanged."""
+    with duckdb.connect(":memory:") as con:
+        con.execute("SET TimeZone = 'UTC'")
+        # The warehouse's views name their tables "traffic"."main"...: it is attached under that name.
+        con.execute(f"ATTACH {_quoted(config.warehouse_db)} AS {WAREHOUSE_NAME} (READ_ONLY)")
+        con.execute(f"ATTACH {_quoted(path)} AS serving")
+        if patch and (reason := _reusable(con, config, built_at)):
+            log.info("publishing a whole copy: the previous serving file cannot be patched, %s", reason)
+            return None
+        (latest,) = con.execute(f"SELECT max(measured_at) FROM {WAREHOUSE_NAME}.main.segment_latest").fetchone()
+        cutoff = (latest or built_at) - timedelta(days=config.serving_days)
+        con.execute("BEGIN")
+        for mart in MARTS:
+            if patch and mart.changed:
+                if not _patch(con, mart, cutoff):
+                    log.warning("publishing a whole copy: %s in the serving file differs from the warehouse", mart.name)
+                    con.execute("ROLLBACK")
+                    return None
+            else:
+                _copy(con, mart, cutoff)
+        rows = {m.name: con.execute(f"SELECT count(*) FROM serving.main.{m.name}").fetchone()[0] for m in MARTS}
+        full_built_at = (
+            con.execute("SELECT full_built_at FROM serving.meta.publish").fetchone()[0] if patch else built_at
+        )
+        con.execute("CREATE SCHEMA IF NOT EXISTS serving.meta")
+        con.execute(
+            "CREATE OR REPLACE TABLE serving.meta.publish AS SELECT ?::INTEGER AS format, "
+            "?::TIMESTAMPTZ AS built_at, ?::TIMESTAMPTZ AS latest_measured_at, ?::INTEGER AS serving_days, "
+            "?::VARCHAR[] AS marts, ?::JSON AS mart_rows, ?::TIMESTAMPTZ AS full_built_at",
+            [PUBLISH_FORMAT, built_at, latest, config.serving_days, [m.name for m in MARTS], json.dumps(rows),
+             full_built_at],
+        )  # fmt: skip
+        con.execute("COMMIT")
+        con.execute("CHECKPOINT serving")  # everything in the file itself: no WAL beside it
+        con.execute("DETACH serving")
+    return Published(rows, built_at, latest, full=not patch)
+
+
+# --------------------------------------------------------------------------- the whole step
+
+
+@contextlib.contextmanager
+def _build_lock(config: ServingConfig) -> Iterator[None]:
+    """One build at a time per warehouse (DuckDB has one writer): a second caller waits its turn."""
+    config.warehouse_db.parent.mkdir(parents=True, exist_ok=True)
+    with open(config.warehouse_db.parent / ".build.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another build of %s is running: waiting for it", config.warehouse_db)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build(settings: Settings, config: ServingConfig | None = None, full_refresh: bool = False) -> BuildResult:
+    """dbt build, then publish the serving file if every model and data test passed.
+
+    The DAG `traffic_marts` and `trafficwatch build` both call this.
+    """
+    config = config or ServingConfig.from_env(settings)
+    with _build_lock(config):
+        started = time.perf_counter()
+        nodes = run_dbt(settings, config, full_refresh=full_refresh)
+        dbt_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        published = publish(config, full=full_refresh)
+        result = BuildResult(
+            serving_db=config.serving_db,
+            built_at=published.built_at,
+            latest_measured_at=published.latest_measured_at,
+            nodes=nodes,
+            rows=published.rows,
+            full_publish=published.full,
+            dbt_seconds=dbt_seconds,
+            publish_seconds=time.perf_counter() - started,
+        )
+    log.info(result.summary())
+    return result
+
+
+def serving_built_at(path: Path) -> datetime | None:
+    """When the serving file at `path` was published, read from its metadata; None if there is none."""
+    if not path.is_file():
+        return None
+    with duckdb.connect(str(path), read_only=True) as con:
+        row = con.execute("SELECT built_at FROM meta.publish").fetchone()
+    return row[0] if row else None
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The lake's status (`lake.status`) and where the serving file is, and when it was published."""
+    from trafficwatch import lake
+
+    path = serving_db_path(settings)
+    built_at = serving_built_at(path)
+    return {
+        **lake.status(settings),
+        "serving_db": str(path),
+        "serving_built_at": built_at.astimezone(UTC).isoformat() if built_at else None,
+    }

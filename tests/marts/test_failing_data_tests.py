@@ -1,0 +1,75 @@
+"""A failing data test stops the publish, names the test, and fails the Airflow task without retrying.
+
+The warehouse is damaged on purpose (a segment's latest observation duplicated), which the `unique`
+test of int_segment_last_observation must catch on the next build (with no new snapshot, which would
+replace that segment's rows and repair it).
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+
+import trafficwatch.assets  # noqa: F401  (imported now, with the default bucket: see below)
+from tests.conftest import REPO, land_raw
+from tests.marts.fixtures import serving_config
+from trafficwatch import lake, serving
+
+pytestmark = pytest.mark.integration
+
+FAILING_TEST = "unique_int_segment_last_observation_segment_key"
+# trafficwatch.assets reads the bucket when first imported; imported above, at collection, its assets keep
+# the default bucket instead of a test's, which the DAG integrity test checks whatever the test order.
+
+
+def _built_at(config: serving.ServingConfig):
+    with duckdb.connect(str(config.serving_db), read_only=True) as con:
+        return con.execute("SELECT built_at FROM meta.publish").fetchone()[0]
+
+
+def _duplicate_a_latest_observation(config: serving.ServingConfig) -> None:
+    with duckdb.connect(str(config.warehouse_db)) as con:
+        con.execute(
+            "INSERT INTO main.int_segment_last_observation SELECT * FROM main.int_segment_last_observation LIMIT 1"
+        )
+
+
+def test_a_failing_data_test_names_itself_and_nothing_is_published(s3_settings, sample_bytes) -> None:
+    config = serving_config(s3_settings)
+    land_raw(s3_settings, sample_bytes)
+    lake.merge_pending(s3_settings)
+    serving.build(s3_settings, config)
+    published = _built_at(config)
+
+    _duplicate_a_latest_observation(config)
+    with pytest.raises(serving.DataTestsFailed) as failure:
+        serving.build(s3_settings, config)
+    assert failure.value.tests == [FAILING_TEST]
+    message = str(failure.value)
+    assert "\n" not in message
+    assert FAILING_TEST in message and "not published" in message
+    assert _built_at(config) == published  # the dashboards keep the previous file
+
+
+@pytest.mark.airflow
+def test_marts_dag_publishes_then_fails_without_retry_on_a_failing_test(
+    airflow_db, s3_settings, sample_bytes, capfd
+) -> None:
+    dag = DagBag(dag_folder=str(REPO / "dags" / "traffic_marts.py")).dags["traffic_marts"]
+    config = serving.ServingConfig.from_env(s3_settings)
+    land_raw(s3_settings, sample_bytes)
+    lake.merge_pending(s3_settings)
+
+    first = dag.test()
+    (task,) = first.get_task_instances()
+    assert (first.state, task.state) == ("success", "success")
+    published = _built_at(config)
+
+    _duplicate_a_latest_observation(config)
+    second = dag.test()
+    (task,) = second.get_task_instances()
+    assert (second.state, task.state) == ("failed", "failed")  # failed, not up_for_retry
+    assert _built_at(config) == published
+    log = capfd.readouterr()
+    assert FAILING_TEST in log.out + log.err
