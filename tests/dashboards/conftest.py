@@ -7,9 +7,7 @@ Chromium (`make browser-install`), driven by Playwright.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import secrets
 import shutil
@@ -17,13 +15,14 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import duckdb
-import pyarrow
 import pytest
 
+from tests.marts.fixtures import build_serving_db, pipeline_settings
 from trafficwatch import services
+from trafficwatch.feed import DEFAULT_BASE, Simulator, load_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 SUPERSET_PYTHON = REPO / ".venv-superset" / "bin" / "python"
@@ -44,135 +43,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dashboards: runs Superset and a headless Chromium (slow, ~2 min)")
 
 
-# TODO(pipeline): replace this fixture by the serving file built by the real pipeline (dbt + publish) from
-# the sample snapshot. Until then it builds a throwaway file with the serving contract's tables: the
-# latest state is the real snapshot (2,859 segments), the history is synthetic (two days, weekday peaks).
-# TRAFFICWATCH_TEST_SERVING_DB=FILE runs the dashboard tests on a copy of FILE instead.
+# The sample's hours before it, at dashboard grain: enough history for the 24-hour road charts.
+HISTORY = timedelta(hours=24)
+HISTORY_INTERVAL = timedelta(minutes=15)
+
+
 @pytest.fixture(scope="session")
-def serving_db(tmp_path_factory: pytest.TempPathFactory, sample_bytes: bytes) -> Path:
-    path = tmp_path_factory.mktemp("serving") / "traffic.duckdb"
+def serving_db(s3_server: str, tmp_path_factory: pytest.TempPathFactory, sample_bytes: bytes) -> Path:
+    """The serving file built by the real pipeline (land, merge, dbt build, publish): a simulated day of
+    Rennes traffic at 15-minute intervals, then the real sample snapshot (2,859 segments) as the latest state.
+
+    TRAFFICWATCH_TEST_SERVING_DB=FILE runs the dashboard tests on a copy of FILE instead.
+    """
     if source := os.environ.get("TRAFFICWATCH_TEST_SERVING_DB"):
+        path = tmp_path_factory.mktemp("serving") / "traffic.duckdb"
         shutil.copyfile(source, path)
-    else:
-        _build_throwaway_serving(json.loads(sample_bytes), path)
-    return path
-
-
-SEGMENT_COLUMNS = (
-    "segment_key", "road_name", "hierarchy", "insee", "speed_limit_kmh", "traffic_status", "speed_kmh",
-    "travel_time_s", "reliability_pct", "probe_count", "measured_at", "geometry_geojson", "path_json", "length_m",
-)  # fmt: skip
-
-
-def _length_m(parts: list[list[list[float]]]) -> float:
-    total = 0.0
-    for part in parts:
-        for (lon1, lat1), (lon2, lat2) in itertools.pairwise(part):
-            lat1, lat2, dlon = math.radians(lat1), math.radians(lat2), math.radians(lon2 - lon1)
-            h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin(dlon / 2) ** 2
-            total += 2 * 6_371_000 * math.asin(math.sqrt(h))
-    return total
-
-
-def _build_throwaway_serving(records: list[dict], path: Path) -> None:
-    columns: dict[str, list] = {name: [] for name in SEGMENT_COLUMNS}
-    for r in records:
-        geometry = r["geo_shape"]["geometry"]
-        parts = geometry["coordinates"] if geometry["type"] == "MultiLineString" else [geometry["coordinates"]]
-        values = (
-            r["predefinedlocationreference"], r["denomination"], r["hierarchie"], r["insee"], r["vitesse_maxi"],
-            r["trafficstatus"], r["averagevehiclespeed"], r["traveltime"], r["traveltimereliability"],
-            r["vehicleprobemeasurement"], r["datetime"], json.dumps(geometry),
-            json.dumps([point for part in parts for point in part]), _length_m(parts),
-        )  # fmt: skip
-        for name, value in zip(SEGMENT_COLUMNS, values, strict=True):
-            columns[name].append(value)
-    con = duckdb.connect(str(path))
-    con.execute("SET TimeZone = 'UTC'")
-    con.register("snapshot", pyarrow.table(columns))
-    con.execute("""CREATE TABLE seg AS SELECT * REPLACE (CAST(measured_at AS TIMESTAMPTZ) AS measured_at,
-        CAST(insee AS INTEGER) AS insee, CAST(speed_limit_kmh AS INTEGER) AS speed_limit_kmh,
-        CAST(speed_kmh AS INTEGER) AS speed_kmh, CAST(travel_time_s AS INTEGER) AS travel_time_s,
-        CAST(reliability_pct AS INTEGER) AS reliability_pct, CAST(probe_count AS INTEGER) AS probe_count)
-        FROM snapshot""")
-    con.unregister("snapshot")
-    con.execute("""
-        CREATE TABLE segment_traffic_15min AS
-        WITH b AS (SELECT unnest(generate_series(m - INTERVAL 2 DAY, m - INTERVAL 15 MINUTE, INTERVAL 15 MINUTE))
-                   AS bucket_start FROM (SELECT max(measured_at) AS m FROM seg)),
-        x AS (SELECT s.*, b.bucket_start, hour(b.bucket_start) + minute(b.bucket_start) / 60.0 AS h,
-                     (hash(s.segment_key, b.bucket_start) % 1000) / 1000.0 AS noise
-              FROM seg AS s CROSS JOIN b),
-        y AS (SELECT *, greatest(0.1, 1.0 - 0.45 * exp(-((h - 7.5) ^ 2) / 1.2) - 0.5 * exp(-((h - 16) ^ 2) / 1.5)
-                                      - 0.25 * noise * noise) AS ratio FROM x)
-        SELECT segment_key, road_name, hierarchy, bucket_start, speed_limit_kmh * ratio AS mean_speed_kmh,
-               speed_limit_kmh * ratio * 0.85 AS min_speed_kmh, speed_limit_kmh * ratio * 1.1 AS max_speed_kmh,
-               length_m / greatest(speed_limit_kmh * ratio / 3.6, 0.5) AS mean_travel_time_s,
-               70.0 + 20 * noise AS mean_reliability_pct, 15 AS sample_count,
-               CASE WHEN ratio < 0.5 THEN 1.0 ELSE 0.0 END AS congested_share, length_m, speed_limit_kmh
-        FROM y""")
-    con.execute("""
-        CREATE TABLE road_hour_of_week_profile AS
-        SELECT road_name, isodow(bucket_start)::INTEGER AS day_of_week, hour(bucket_start)::INTEGER AS hour_of_day,
-               sum(mean_speed_kmh * length_m) / sum(length_m) AS typical_speed_kmh,
-               sum(mean_travel_time_s) / count(DISTINCT bucket_start) AS typical_travel_time_s,
-               sum(mean_speed_kmh * length_m) / sum(speed_limit_kmh * length_m) AS typical_speed_ratio,
-               sum(sample_count)::INTEGER AS sample_count
-        FROM segment_traffic_15min GROUP BY ALL""")
-    for table, time_column, grain in (
-        ("road_traffic_15min", "bucket_start", "bucket_start"),
-        ("road_traffic_hourly", "hour_start", "date_trunc('hour', bucket_start)"),
-    ):
-        con.execute(f"""
-            CREATE TABLE {table} AS
-            WITH r AS (
-                SELECT road_name, {grain} AS {time_column}, count(DISTINCT segment_key)::INTEGER AS segment_count,
-                       sum(mean_speed_kmh * length_m) / sum(length_m) AS mean_speed_kmh,
-                       min(min_speed_kmh) AS min_speed_kmh, max(max_speed_kmh) AS max_speed_kmh,
-                       sum(mean_travel_time_s) / count(DISTINCT bucket_start) AS travel_time_s,
-                       avg(mean_reliability_pct) AS mean_reliability_pct, sum(sample_count)::INTEGER AS sample_count,
-                       avg(congested_share) AS congested_share
-                FROM segment_traffic_15min GROUP BY ALL)
-            SELECT r.*, p.typical_speed_kmh, p.typical_travel_time_s
-            FROM r LEFT JOIN road_hour_of_week_profile AS p ON p.road_name = r.road_name
-                AND p.day_of_week = isodow(r.{time_column}) AND p.hour_of_day = hour(r.{time_column})""")
-    con.execute("""
-        CREATE TABLE congestion_events AS
-        WITH s AS (SELECT segment_key, road_name, bucket_start, congested_share > 0 AS congested,
-                          lag(congested_share > 0, 1, false) OVER per_segment AS before
-                   FROM segment_traffic_15min WINDOW per_segment AS (PARTITION BY segment_key ORDER BY bucket_start)),
-        g AS (SELECT *, sum((congested AND NOT before)::INTEGER) OVER per_segment AS episode
-              FROM s WHERE congested WINDOW per_segment AS (PARTITION BY segment_key ORDER BY bucket_start))
-        SELECT segment_key, any_value(road_name) AS road_name, 'freeFlow' AS from_status, 'congested' AS to_status,
-               min(bucket_start) AS started_at, max(bucket_start) + INTERVAL 15 MINUTE AS ended_at,
-               (epoch(max(bucket_start)) - epoch(min(bucket_start))) / 60.0 + 15 AS duration_minutes
-        FROM g GROUP BY segment_key, episode""")
-    con.execute("""
-        CREATE TABLE segment_latest AS
-        SELECT segment_key, road_name, hierarchy, insee, speed_limit_kmh, traffic_status, speed_kmh, travel_time_s,
-               reliability_pct, probe_count, measured_at, 1.0::DOUBLE AS minutes_since_update,
-               speed_kmh / nullif(speed_limit_kmh, 0) AS speed_ratio, NULL::DOUBLE AS typical_speed_kmh,
-               NULL::DOUBLE AS speed_vs_typical_kmh, length_m, geometry_geojson, path_json
-        FROM seg""")
-    con.execute("""
-        CREATE TABLE network_kpis_latest AS
-        SELECT max(measured_at) AS measured_at,
-               count(*) FILTER (WHERE traffic_status <> 'unknown')::INTEGER AS segments_reporting,
-               count(*)::INTEGER AS segments_total, avg((traffic_status = 'freeFlow')::INTEGER) AS share_freeflow,
-               avg((traffic_status = 'heavy')::INTEGER) AS share_heavy,
-               avg((traffic_status IN ('congested', 'impossible'))::INTEGER) AS share_congested,
-               avg((traffic_status = 'impossible')::INTEGER) AS share_impossible,
-               avg((traffic_status = 'unknown')::INTEGER) AS share_unknown,
-               avg(speed_ratio) FILTER (WHERE traffic_status <> 'unknown') AS mean_speed_ratio,
-               1.0::DOUBLE AS minutes_since_update
-        FROM segment_latest""")
-    con.execute("ALTER TABLE segment_traffic_15min DROP COLUMN length_m")
-    con.execute("ALTER TABLE segment_traffic_15min DROP COLUMN speed_limit_kmh")
-    con.execute("DROP TABLE seg")
-    con.close()
-
-
-# --------------------------------------------------------------------------- Superset
+        return path
+    latest = datetime.fromisoformat(json.loads(sample_bytes)[0]["datetime"]).astimezone(UTC)
+    count = HISTORY // HISTORY_INTERVAL
+    simulator = Simulator(
+        load_snapshot(DEFAULT_BASE), seed=11, origin=latest - HISTORY, interval_s=HISTORY_INTERVAL.total_seconds()
+    )
+    history = [json.dumps(simulator.records(index)).encode() for index in range(count)]
+    settings = pipeline_settings(s3_server, tmp_path_factory.mktemp("serving-pipeline"))
+    return build_serving_db(settings, [*history, sample_bytes])
 
 
 @dataclass(frozen=True)
