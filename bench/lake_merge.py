@@ -626,24 +626,24 @@ def measure_singles(s3: Any, histories: dict[int, dict[str, Any]]) -> dict[int, 
 # --------------------------------------------------------------------------- --profile: where the time goes
 
 # lake.py's steps, timed by wrapping the module's functions in the profiling process only (lake.py is not
-# changed). Steps nest: `_segment_changes` is part of `merge_segments`, `normalize_payload` of `read_objects`.
+# changed). Steps nest: `_segment_changes` is part of `merge_segments`, `may_hold` of the writes. `prepare`
+# (download, parse, validate, dedupe) runs in worker processes for batches of PROCESSES_FROM objects or more:
+# there, only the main process's wait for the prepared batches shows.
 PHASES = (
     ("storage.s3_client", "create the S3 client"),
     ("lake.ensure_tables", "open the four tables"),
-    ("lake.read_objects", "read: download + gunzip + parse (8 threads)"),
-    ("lake.normalize_payload", "  parse (normalize_payload), CPU summed over threads"),
-    ("lake.validate", "validate"),
-    ("lake.dedupe", "dedupe"),
-    ("lake.merge_rejected", "MERGE rejected_records"),
+    ("lake.prepare", "prepare in this process: download + parse + validate + dedupe"),
+    ("lake._merge_chunk", "write the chunks (the rest of the total: waiting for prepared objects)"),
+    ("lake.merge_rejected", "write rejected_records"),
     ("lake._next_batch_number", "read the app transaction version"),
-    ("lake.merge_observations", "MERGE traffic_observations (+ version)"),
+    ("lake.merge_observations", "write traffic_observations (append, or MERGE if not new)"),
+    ("lake.may_hold", "  may the table hold these rows? (Delta log statistics)"),
     ("lake.merge_segments", "road_segments: read current + changes + MERGE"),
     ("lake._segment_changes", "  segments change detection"),
-    ("lake._counts", "per-object counts"),
-    ("lake.append_merge_log", "MERGE merge_log"),
+    ("lake.append_merge_log", "write merge_log"),
     ("lake.merge_objects", "merge_objects, total"),
 )
-THREAD_PHASES = {"lake.normalize_payload"}  # run in reader threads: timed with per-thread CPU
+THREAD_PHASES: set[str] = set()  # phases run in other threads: timed with per-thread CPU
 
 
 @dataclass

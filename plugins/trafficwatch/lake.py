@@ -7,11 +7,13 @@ Tables, under `s3://BUCKET/lake/`:
 - `rejected_records`: rows that failed validation, with the reason;
 - `merge_log`: one row per merged raw object, with counts and the Delta versions it produced.
 
-Exactly once: every write is a MERGE on a natural key that only inserts what is missing (or closes a
-segment version that is still open), so replaying any batch after a crash, or racing another merge,
-leaves the same rows. The merge log is written last: an object stays pending until its rows are
-committed everywhere, and a rerun then merges it again harmlessly. Conflicting concurrent commits raise
-CommitFailedError and are retried on the fresh table state.
+Exactly once: every write only inserts what is missing (or closes a segment version that is still
+open), so replaying any batch after a crash, or racing another merge, leaves the same rows. Rows whose
+time range no file of the table covers (the Delta log's statistics say so) are appended; otherwise a
+MERGE on the natural key inserts the missing ones. The merge log is written last: an object stays
+pending until its rows are committed everywhere, and a rerun then merges it again harmlessly. Every
+commit of a merge carries the app transaction APP_ID, so two merges racing conflict (CommitFailedError)
+instead of both appending; the loser retries on the fresh table state, where its rows are no longer new.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
-from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from trafficwatch import storage
@@ -163,28 +167,33 @@ def table_properties(settings: Settings) -> dict[str, str]:
     return {"delta.logRetentionDuration": settings.log_retention, "delta.checkpointInterval": "10"}
 
 
-def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
-    """Open every table, creating the missing ones (safe when two processes race to create)."""
-    tables = {}
-    options = storage_options(settings)
-    for name in SCHEMAS:
-        uri = table_uri(settings, name)
+def _open_table(settings: Settings, name: str) -> DeltaTable:
+    uri, options = table_uri(settings, name), storage_options(settings)
+    try:
+        return DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
         try:
-            tables[name] = DeltaTable(uri, storage_options=options)
-        except TableNotFoundError:
-            try:
-                tables[name] = DeltaTable.create(
-                    uri,
-                    schema=empty_frame(name).to_arrow().schema,
-                    mode="ignore",
-                    partition_by=PARTITIONS[name] or None,
-                    name=name,
-                    configuration=table_properties(settings),
-                    storage_options=options,
-                )
-            except CommitFailedError:  # another process created it first
-                tables[name] = DeltaTable(uri, storage_options=options)
-    return tables
+            return DeltaTable.create(
+                uri,
+                schema=empty_frame(name).to_arrow().schema,
+                mode="ignore",
+                partition_by=PARTITIONS[name] or None,
+                name=name,
+                configuration=table_properties(settings),
+                storage_options=options,
+            )
+        except CommitFailedError:  # another process created it first
+            return DeltaTable(uri, storage_options=options)
+
+
+def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
+    """Open every table, creating the missing ones (safe when two processes race to create).
+
+    The four are opened side by side: each open is a few S3 round trips that delta-rs waits on
+    without holding the GIL.
+    """
+    with ThreadPoolExecutor(max_workers=len(SCHEMAS)) as pool:
+        return dict(zip(SCHEMAS, pool.map(lambda name: _open_table(settings, name), SCHEMAS), strict=True))
 
 
 def scan_table(table: DeltaTable, options: dict[str, str]) -> pl.LazyFrame:
@@ -229,35 +238,123 @@ def pending_raw(settings: Settings, s3: Any, tables: dict[str, DeltaTable]) -> l
 
 
 @dataclass
-class Parsed:
-    """One raw object read back: its normalized rows, or why it could not be read."""
+class ObjectCounts:
+    """What one raw object gave: its records, accepted, rejected and duplicate rows (all 0 if unreadable)."""
 
     obj: RawObject
-    frame: pl.DataFrame | None
+    measured_at: datetime
+    records: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
     error: str | None = None
-    body: bytes | None = None
+    body: bytes | None = None  # the unreadable payload, for quarantine
 
 
-def _read_object(s3: Any, bucket: str, obj: RawObject) -> Parsed:
-    compressed = s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
-    try:
-        body = gzip.decompress(compressed)
-    except (OSError, EOFError) as exc:
-        return Parsed(obj, None, f"not a gzip file: {exc}", compressed)
-    try:
-        snapshot = normalize_payload(body)
-    except SourceError as error:
-        return Parsed(obj, None, error.reason, body)
-    frame = snapshot.frame.with_columns(
-        pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
+@dataclass
+class Prepared:
+    """Raw objects read, validated and deduplicated, ready to merge.
+
+    `observations`: accepted rows with the observation columns (not yet `merged_at`). `versions`: the
+    segment attributes of accepted rows, keeping per segment only the rows where they differ from its
+    previous row in these objects (a day of snapshots holds the same geometry 1,440 times).
+    """
+
+    observations: pl.DataFrame
+    versions: pl.DataFrame
+    rejected: pl.DataFrame
+    counts: list[ObjectCounts]
+
+
+VERSION_COLUMNS = ("segment_key", "measured_at", "source_key", *SEGMENT_ATTRIBUTES, "geometry_type")
+OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minutes, so versions collapse
+PROCESSES_FROM = 2 * OBJECTS_PER_TASK  # smaller batches are prepared in this process
+
+
+def _download(s3: Any, bucket: str, obj: RawObject) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
+
+
+def _collapse_versions(versions: pl.DataFrame) -> pl.DataFrame:
+    """Per segment, in time order, drop rows whose attributes equal the previous row's."""
+    versions = versions.sort(["segment_key", "measured_at"])
+    fingerprint = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()
+    return versions.filter(fingerprint.ne_missing(fingerprint.shift(1).over("segment_key")))
+
+
+def prepare(s3: Any, bucket: str, objects: list[RawObject]) -> Prepared:
+    """Download, gunzip, normalize, validate and deduplicate raw objects; the CPU-heavy half of a merge."""
+    with ThreadPoolExecutor(max_workers=4) as pool:  # downloads wait on the network, not the CPU
+        bodies = list(pool.map(lambda obj: _download(s3, bucket, obj), objects))
+    observations, versions, rejected, counts = [], [], [], []
+    for obj, compressed in zip(objects, bodies, strict=True):
+        try:
+            body = gzip.decompress(compressed)
+        except (OSError, EOFError) as exc:
+            counts.append(ObjectCounts(obj, measured_at_of(obj.key), error=f"not a gzip file: {exc}", body=compressed))
+            continue
+        try:
+            snapshot = normalize_payload(body)
+        except SourceError as error:
+            counts.append(ObjectCounts(obj, measured_at_of(obj.key), error=error.reason, body=body))
+            continue
+        frame = snapshot.frame.with_columns(
+            pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
+        )
+        accepted, bad = validate(frame)
+        unique, dropped = dedupe(accepted)
+        duplicates = int(dropped["duplicate_rows"].sum()) if dropped.height else 0
+        counts.append(ObjectCounts(obj, snapshot.measured_at, frame.height, unique.height, bad.height, duplicates))
+        observations.append(
+            unique.with_columns(pl.col("measured_at").dt.date().alias("measured_date")).select(
+                [c for c in SCHEMAS[OBSERVATIONS] if c != "merged_at"]
+            )
+        )
+        versions.append(
+            unique.with_columns(
+                pl.col("geometry").alias("geometry_geojson"),
+                pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"').alias("geometry_type"),
+            ).select(VERSION_COLUMNS)
+        )
+        if bad.height:
+            rejected.append(bad)
+    obs_schema = {c: t for c, t in SCHEMAS[OBSERVATIONS].items() if c != "merged_at"}
+    return Prepared(
+        observations=pl.concat(observations) if observations else pl.DataFrame(schema=obs_schema),
+        versions=_collapse_versions(pl.concat(versions)) if versions else pl.DataFrame(),
+        rejected=pl.concat(rejected, how="vertical_relaxed") if rejected else pl.DataFrame(),
+        counts=counts,
     )
-    return Parsed(obj, frame)
 
 
-def read_objects(s3: Any, bucket: str, objects: list[RawObject]) -> list[Parsed]:
-    # Downloads and gunzip release the GIL; decoding is ~20 ms per snapshot on one core.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda obj: _read_object(s3, bucket, obj), objects))
+_worker_s3: Any = None
+
+
+def _prepare_in_worker(settings: Settings, objects: list[RawObject]) -> Prepared:
+    global _worker_s3
+    if _worker_s3 is None:
+        _worker_s3 = storage.s3_client(settings)
+    return prepare(_worker_s3, settings.bucket, objects)
+
+
+def prepared_batches(settings: Settings, s3: Any, objects: list[RawObject]) -> Iterator[Prepared]:
+    """`prepare` over the objects, in order, OBJECTS_PER_TASK at a time.
+
+    Large batches (a backlog, a backfill) are prepared by one worker process per core: parsing is pure
+    Python work that one process's GIL would serialize. Workers are spawned, never forked: this process
+    holds threads (delta-rs, boto3) that a fork would copy in an unknown state.
+    """
+    tasks = [objects[i : i + OBJECTS_PER_TASK] for i in range(0, len(objects), OBJECTS_PER_TASK)]
+    workers = min(os.cpu_count() or 1, len(tasks), 4)
+    if len(objects) < PROCESSES_FROM or workers < 2:
+        for task in tasks:
+            yield prepare(s3, settings.bucket, task)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(_prepare_in_worker, itertools.repeat(settings), tasks)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_integer(column: str) -> tuple[pl.Expr, pl.Expr]:
@@ -381,8 +478,12 @@ def geometry_length_m(geojson: str | None) -> float | None:
 # --------------------------------------------------------------------------- writing
 
 
-def _commit(action: Callable[[], Any], what: str) -> Any:
-    """Run a Delta write, retrying on a conflicting concurrent commit with fresh table state."""
+def _commit(table: DeltaTable, action: Callable[[], Any], what: str) -> Any:
+    """Run a Delta write, retrying on a conflicting concurrent commit with fresh table state.
+
+    Every write of a merge carries the app transaction APP_ID: delta-rs refuses a commit when a commit
+    with the same app id landed since the version it read, so two merges racing cannot both append.
+    """
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             return action()
@@ -391,6 +492,7 @@ def _commit(action: Callable[[], Any], what: str) -> Any:
                 raise
             log.warning("%s: concurrent commit (%s); retrying on fresh state (%d)", what, exc, attempt)
             time.sleep(0.2 * attempt)
+            table.update_incremental()
     return None
 
 
@@ -402,58 +504,73 @@ def _time_bounds(frame: pl.DataFrame) -> str:
 
 
 def _bounds_predicate(frame: pl.DataFrame) -> str:
-    dates = ", ".join(f"'{day}'" for day in sorted(set(frame["measured_date"].to_list())))
+    dates = ", ".join(f"'{day}'" for day in frame["measured_date"].unique().sort().to_list())
     return f"t.measured_date IN ({dates}) AND {_time_bounds(frame)}"
 
 
-def _version(table: DeltaTable) -> int:
-    table.update_incremental()
-    return table.version()
+def may_hold(table: DeltaTable, frame: pl.DataFrame) -> bool:
+    """Whether any file of the table may hold rows measured within the frame's time range.
+
+    Decided from the `measured_at` statistics of the Delta log alone. When no file may, the rows are
+    new for certain and are appended; otherwise a MERGE inserts only the missing ones (a replay after
+    a crash, or a backfill into the past). Files without statistics count as "may".
+    """
+    actions = pl.DataFrame(table.get_add_actions(flatten=True))
+    if actions.is_empty():
+        return False
+    if "min.measured_at" not in actions.columns or "max.measured_at" not in actions.columns:
+        return True
+    low, high = frame["measured_at"].min(), frame["measured_at"].max()
+    lowest, highest = pl.col("min.measured_at"), pl.col("max.measured_at")
+    overlap = lowest.is_null() | highest.is_null() | ((lowest <= high) & (highest >= low))
+    return bool(actions.select(overlap.any()).item())
+
+
+def _insert_missing(table: DeltaTable, rows: pl.DataFrame, key_predicate: str, batch: int) -> None:
+    """Append the rows if the table cannot hold any of them yet, else MERGE inserting the missing ones."""
+    commit = CommitProperties(app_transactions=[Transaction(APP_ID, batch)])
+    source = rows.to_arrow()
+    if not may_hold(table, rows):
+        write_deltalake(table, source, mode="append", commit_properties=commit)
+        return
+    table.merge(
+        source, predicate=key_predicate, source_alias="s", target_alias="t", commit_properties=commit
+    ).when_not_matched_insert_all().execute()
 
 
 def merge_observations(table: DeltaTable, rows: pl.DataFrame, batch: int) -> int:
     """Insert the observations that are not there yet; returns the table version after the write."""
-    source = rows.select(list(SCHEMAS[OBSERVATIONS])).to_arrow()
+    rows = rows.select(list(SCHEMAS[OBSERVATIONS]))
     predicate = "t.segment_key = s.segment_key AND t.measured_at = s.measured_at AND " + _bounds_predicate(rows)
-
-    def write() -> None:
-        table.update_incremental()
-        table.merge(
-            source,
-            predicate=predicate,
-            source_alias="s",
-            target_alias="t",
-            commit_properties=CommitProperties(app_transactions=[Transaction(APP_ID, batch)]),
-        ).when_not_matched_insert_all().execute()
-
-    _commit(write, OBSERVATIONS)
-    return _version(table)
+    _commit(table, lambda: _insert_missing(table, rows, predicate, batch), OBSERVATIONS)
+    return table.version()
 
 
-def _segment_changes(rows: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
-    """The segment versions a batch opens, with the `close`/`extend` actions they imply on current rows."""
-    rows = rows.with_columns(
-        pl.col("geometry").alias("geometry_geojson"),
-        pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"').alias("geometry_type"),
-    ).sort(["segment_key", "measured_at"])
-    # Consecutive identical attributes collapse into one version (polars' hash is fine within one run).
-    fingerprint = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()
-    changes = rows.filter(fingerprint.ne_missing(fingerprint.shift(1).over("segment_key")))
-    changes = changes.with_columns(
-        pl.Series(
-            "attributes_hash",
-            [
-                hashlib.sha1(repr(values).encode()).hexdigest()
-                for values in changes.select(SEGMENT_ATTRIBUTES).iter_rows()
-            ],
-            dtype=pl.String,
-        ),
-        pl.col("measured_at").alias("valid_from"),
+def _segment_changes(versions: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
+    """The segment versions a batch opens, with the `close`/`extend` actions they imply on current rows.
+
+    `versions` are the prepared candidate versions (see `Prepared`); consecutive identical attributes
+    still collapse here, across the boundaries of the batches they were prepared in.
+    """
+    against = current.select(
+        "segment_key",
+        pl.col("valid_from").alias("cur_from"),
+        pl.col("attributes_hash").alias("cur"),
+        *[pl.col(name).alias(f"{name}__cur") for name in SEGMENT_ATTRIBUTES],
     )
-    joined = changes.join(
-        current.select("segment_key", pl.col("valid_from").alias("cur_from"), pl.col("attributes_hash").alias("cur")),
-        on="segment_key",
-        how="left",
+    joined = _collapse_versions(versions).join(against, on="segment_key", how="left")
+    # A version whose attributes equal the current one's takes its hash; only the others are hashed
+    # (in a steady minute, none: every segment is unchanged).
+    unchanged = pl.all_horizontal([pl.col(name).eq_missing(pl.col(f"{name}__cur")) for name in SEGMENT_ATTRIBUTES])
+    joined = joined.with_columns(pl.when(unchanged).then(pl.col("cur")).alias("attributes_hash"))
+    other = joined.filter(pl.col("attributes_hash").is_null())
+    if other.height:
+        hashes = [hashlib.sha1(repr(row).encode()).hexdigest() for row in other.select(SEGMENT_ATTRIBUTES).iter_rows()]
+        other = other.with_columns(attributes_hash=pl.Series(hashes, dtype=pl.String))
+        joined = pl.concat([joined.filter(pl.col("attributes_hash").is_not_null()), other])
+        joined = joined.sort(["segment_key", "measured_at"])
+    joined = joined.drop([f"{name}__cur" for name in SEGMENT_ATTRIBUTES]).with_columns(
+        pl.col("measured_at").alias("valid_from")
     )
     first = pl.col("valid_from") == pl.col("valid_from").min().over("segment_key")
     same_as_current = pl.col("attributes_hash") == pl.col("cur")
@@ -490,13 +607,12 @@ def _segment_changes(rows: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([inserts, closes, extends], how="vertical_relaxed")
 
 
-def merge_segments(table: DeltaTable, rows: pl.DataFrame, options: dict[str, str]) -> int:
+def merge_segments(table: DeltaTable, versions: pl.DataFrame, options: dict[str, str], batch: int) -> int:
     """Open new segment versions where attributes changed, closing the versions they replace."""
 
     def write() -> None:
-        table.update_incremental()
         current = scan_table(table, options).filter(pl.col("is_current")).collect()
-        changes = _segment_changes(rows, current)
+        changes = _segment_changes(versions, current)
         if changes.is_empty():
             return
         columns = list(SCHEMAS[SEGMENTS])
@@ -506,6 +622,7 @@ def merge_segments(table: DeltaTable, rows: pl.DataFrame, options: dict[str, str
                 predicate="t.segment_key = s.segment_key AND t.valid_from = s.valid_from",
                 source_alias="s",
                 target_alias="t",
+                commit_properties=CommitProperties(app_transactions=[Transaction(APP_ID, batch)]),
             )
             .when_matched_update(
                 updates={"valid_to": "s.valid_to", "is_current": "s.is_current"}, predicate="s.action = 'close'"
@@ -517,11 +634,11 @@ def merge_segments(table: DeltaTable, rows: pl.DataFrame, options: dict[str, str
             .execute()
         )
 
-    _commit(write, SEGMENTS)
-    return _version(table)
+    _commit(table, write, SEGMENTS)
+    return table.version()
 
 
-def merge_rejected(table: DeltaTable, rejected: pl.DataFrame) -> None:
+def merge_rejected(table: DeltaTable, rejected: pl.DataFrame, batch: int) -> None:
     if rejected.is_empty():
         return
     now = datetime.now(UTC)
@@ -531,32 +648,14 @@ def merge_rejected(table: DeltaTable, rejected: pl.DataFrame) -> None:
         pl.lit(now, dtype=UTC_US).alias("rejected_at"),
         pl.col("segment_key").cast(pl.String),
     ).select(list(SCHEMAS[REJECTED]))
-
-    def write() -> None:
-        table.update_incremental()
-        table.merge(
-            rows.to_arrow(),
-            predicate="t.source_key = s.source_key AND t.record_index = s.record_index AND " + _time_bounds(rows),
-            source_alias="s",
-            target_alias="t",
-        ).when_not_matched_insert_all().execute()
-
-    _commit(write, REJECTED)
+    predicate = "t.source_key = s.source_key AND t.record_index = s.record_index AND " + _time_bounds(rows)
+    _commit(table, lambda: _insert_missing(table, rows, predicate, batch), REJECTED)
 
 
-def append_merge_log(table: DeltaTable, entries: pl.DataFrame) -> None:
-    bounds = _time_bounds(entries)
-
-    def write() -> None:
-        table.update_incremental()
-        table.merge(
-            entries.select(list(SCHEMAS[MERGE_LOG])).to_arrow(),
-            predicate=f"t.source_key = s.source_key AND {bounds}",
-            source_alias="s",
-            target_alias="t",
-        ).when_not_matched_insert_all().execute()
-
-    _commit(write, MERGE_LOG)
+def append_merge_log(table: DeltaTable, entries: pl.DataFrame, batch: int) -> None:
+    rows = entries.select(list(SCHEMAS[MERGE_LOG]))
+    predicate = f"t.source_key = s.source_key AND {_time_bounds(rows)}"
+    _commit(table, lambda: _insert_missing(table, rows, predicate, batch), MERGE_LOG)
 
 
 # --------------------------------------------------------------------------- the merge
@@ -599,90 +698,84 @@ def _next_batch_number(tables: dict[str, DeltaTable]) -> int:
 def merge_objects(
     settings: Settings, objects: list[RawObject], s3: Any = None, tables: dict[str, DeltaTable] | None = None
 ) -> MergeResult:
-    """Merge the given landed objects into the lake (idempotent), then record them in the merge log."""
+    """Merge the given landed objects into the lake (idempotent), then record them in the merge log.
+
+    Objects are committed OBJECTS_PER_COMMIT at a time (bounded memory on long backfills) while the
+    next ones are being prepared.
+    """
     started = time.perf_counter()
     s3 = s3 or storage.s3_client(settings)
-    tables = tables or ensure_tables(settings)
     result = MergeResult()
-    for start in range(0, len(objects), OBJECTS_PER_COMMIT):
-        chunk = objects[start : start + OBJECTS_PER_COMMIT]
-        _merge_chunk(settings, s3, tables, chunk, result)
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # The tables open (S3 round trips, without the GIL) while the first objects are parsed (CPU).
+        opening = background.submit(ensure_tables, settings) if tables is None else None
+        pending: list[Prepared] = []
+        for prepared in prepared_batches(settings, s3, objects):
+            pending.append(prepared)
+            if sum(len(p.counts) for p in pending) >= OBJECTS_PER_COMMIT:
+                _merge_chunk(settings, s3, tables or opening.result(), pending, result)  # type: ignore[union-attr]
+                pending = []
+        if pending:
+            _merge_chunk(settings, s3, tables or opening.result(), pending, result)  # type: ignore[union-attr]
     result.seconds = time.perf_counter() - started
     log.info(result.summary())
     return result
 
 
 def _merge_chunk(
-    settings: Settings, s3: Any, tables: dict[str, DeltaTable], chunk: list[RawObject], result: MergeResult
+    settings: Settings, s3: Any, tables: dict[str, DeltaTable], batches: list[Prepared], result: MergeResult
 ) -> None:
-    parsed = read_objects(s3, settings.bucket, chunk)
-    readable = [p for p in parsed if p.frame is not None]
-    for item in parsed:
-        if item.frame is None:
+    counts = [c for p in batches for c in p.counts]
+    for item in counts:
+        if item.error is not None:
             key = quarantine(s3, settings.bucket, item.body or b"", f"unreadable raw object {item.obj.key}: "
                              f"{item.error}", f"s3://{settings.bucket}/{item.obj.key}", "merge")  # fmt: skip
             log.error("quarantined %s: %s (copy at %s)", item.obj.key, item.error, key)
             result.quarantined_objects += 1
     merged_at = datetime.now(UTC)
     batch = _next_batch_number(tables)
-    batch_id = uuid.uuid4().hex
-    log_rows: list[dict[str, Any]] = []
+    observations = pl.concat([p.observations for p in batches])
     obs_version = seg_version = tables[OBSERVATIONS].version()
-    if readable:
-        frame = pl.concat([p.frame for p in readable], how="vertical_relaxed")  # type: ignore[misc]
-        accepted, rejected = validate(frame)
-        unique, duplicates = dedupe(accepted)
-        unique = unique.with_columns(
-            pl.col("measured_at").dt.date().alias("measured_date"), pl.lit(merged_at, dtype=UTC_US).alias("merged_at")
-        )
-        merge_rejected(tables[REJECTED], rejected)
-        obs_version = merge_observations(tables[OBSERVATIONS], unique, batch)
-        seg_version = merge_segments(tables[SEGMENTS], unique, storage_options(settings))
-        counts = _counts(frame, unique, rejected, duplicates)
-        for item in readable:
-            total, kept, bad, dup = counts.get(item.obj.key, (0, 0, 0, 0))
-            log_rows.append(
-                _log_row(item.obj, item.frame["measured_at"][0], merged_at, batch_id, total, kept, bad, dup)
-            )
-            log.info("%s: %d records, %d accepted, %d rejected, %d duplicates", item.obj.key, total, kept, bad, dup)
-            result.observations += kept
-            result.rejected_rows += bad
-            result.duplicate_rows += dup
-    for item in parsed:
-        if item.frame is None:
-            log_rows.append(_log_row(item.obj, measured_at_of(item.obj.key), merged_at, batch_id, 0, 0, 0, 0))
-    if log_rows:
-        entries = pl.DataFrame(log_rows, schema=SCHEMAS[MERGE_LOG]).with_columns(
+    if observations.height:
+        rejected = pl.concat([p.rejected for p in batches], how="diagonal_relaxed")
+        rows = observations.with_columns(pl.lit(merged_at, dtype=UTC_US).alias("merged_at"))
+        versions = pl.concat([p.versions for p in batches if p.versions.height])
+        # Three tables, three independent commits: side by side. The merge log waits for all three.
+        with ThreadPoolExecutor(max_workers=3) as writers:
+            rejected_written = writers.submit(merge_rejected, tables[REJECTED], rejected, batch)
+            obs_written = writers.submit(merge_observations, tables[OBSERVATIONS], rows, batch)
+            seg_written = writers.submit(merge_segments, tables[SEGMENTS], versions, storage_options(settings), batch)
+            rejected_written.result()
+            obs_version, seg_version = obs_written.result(), seg_written.result()
+    for item in counts:
+        if item.error is None:
+            log.info("%s: %d records, %d accepted, %d rejected, %d duplicates",
+                     item.obj.key, item.records, item.accepted, item.rejected, item.duplicates)  # fmt: skip
+            result.merged_objects += 1
+            result.observations += item.accepted
+            result.rejected_rows += item.rejected
+            result.duplicate_rows += item.duplicates
+    if counts:
+        batch_id = uuid.uuid4().hex
+        entries = pl.DataFrame([_log_row(item, merged_at, batch_id) for item in counts], schema=SCHEMAS[MERGE_LOG])
+        entries = entries.with_columns(
             pl.lit(obs_version, dtype=pl.Int64).alias("observations_version"),
             pl.lit(seg_version, dtype=pl.Int64).alias("segments_version"),
         )
-        append_merge_log(tables[MERGE_LOG], entries)
-    result.merged_objects += len(readable)
+        append_merge_log(tables[MERGE_LOG], entries, batch)
 
 
-def _counts(
-    frame: pl.DataFrame, unique: pl.DataFrame, rejected: pl.DataFrame, duplicates: pl.DataFrame
-) -> dict[str, tuple[int, int, int, int]]:
-    def per_key(df: pl.DataFrame) -> dict[str, int]:
-        return dict(df.group_by("source_key").len().iter_rows())
-
-    total, kept, bad = per_key(frame), per_key(unique), per_key(rejected)
-    dup = dict(duplicates.iter_rows())
-    return {key: (total[key], kept.get(key, 0), bad.get(key, 0), dup.get(key, 0)) for key in total}
-
-
-def _log_row(obj: RawObject, measured_at: datetime, merged_at: datetime, batch_id: str, *counts: int) -> dict[str, Any]:
-    total, kept, bad, dup = counts
+def _log_row(item: ObjectCounts, merged_at: datetime, batch_id: str) -> dict[str, Any]:
     return {
-        "source_key": obj.key,
-        "measured_at": measured_at,
-        "landed_at": obj.landed_at,
+        "source_key": item.obj.key,
+        "measured_at": item.measured_at,
+        "landed_at": item.obj.landed_at,
         "merged_at": merged_at,
         "batch_id": batch_id,
-        "record_count": total,
-        "accepted_rows": kept,
-        "rejected_rows": bad,
-        "duplicate_rows": dup,
+        "record_count": item.records,
+        "accepted_rows": item.accepted,
+        "rejected_rows": item.rejected,
+        "duplicate_rows": item.duplicates,
         "observations_version": None,
         "segments_version": None,
     }
@@ -735,7 +828,7 @@ def maintain(settings: Settings, s3: Any = None) -> MaintenanceResult:
     for name, table in tables.items():
         if any(table.metadata().configuration.get(key) != value for key, value in wanted.items()):
             table.alter.set_table_properties(wanted)
-        metrics = _commit(lambda table=table: table.optimize.compact(), f"compact {name}")
+        metrics = _commit(table, lambda table=table: table.optimize.compact(), f"compact {name}")
         compacted[name] = int(metrics.get("numFilesRemoved", 0)) if metrics else 0
         table.update_incremental()
         table.create_checkpoint()

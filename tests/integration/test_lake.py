@@ -265,3 +265,42 @@ def test_two_concurrent_merges_give_the_rows_of_one(s3_settings, sample_bytes, m
         logs.append(stderr.decode())
     assert all(f"merged {count} snapshots" in text for text in logs)  # both really merged the backlog
     assert_same_rows(_without_lineage(snapshot_of_tables(s3_settings)), expected)
+
+
+def _observations_of(settings: Settings, body: bytes, key: str) -> pl.DataFrame:
+    """The rows a merge would write for one payload, prepared as the merge prepares them."""
+    from datetime import UTC, datetime
+
+    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
+    prepared = lake.prepare(client, settings.bucket, [lake.RawObject(key, datetime.now(UTC))])
+    return prepared.observations.with_columns(pl.lit(datetime.now(UTC), dtype=lake.UTC_US).alias("merged_at"))
+
+
+def test_new_rows_are_appended_and_rows_the_table_may_hold_are_merged(s3_settings, sample_bytes) -> None:
+    first = _observations_of(s3_settings, sample_bytes, land_raw(s3_settings, sample_bytes))
+    later = _observations_of(s3_settings, sample_bytes, land_raw(s3_settings, redated(sample_bytes, 1)))
+    table = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
+    assert not lake.may_hold(table, first)  # an empty table holds nothing
+    lake.merge_observations(table, first, batch=1)
+    assert lake.may_hold(table, first)  # its file's statistics cover that minute now
+    assert not lake.may_hold(table, later)  # and not the next one
+    assert table.history(1)[0]["operation"] == "WRITE"  # new rows: a plain append
+
+    version = lake.merge_observations(table, first, batch=2)  # a replay: the MERGE finds every row there
+    assert version == 1
+    assert lake.scan_table(table, lake.storage_options(s3_settings)).select(pl.len()).collect().item() == 2859
+
+
+def test_two_writers_appending_the_same_rows_from_one_version_do_not_duplicate(s3_settings, sample_bytes) -> None:
+    """The race two merges run when both see the rows as new: the app transaction makes the second
+    commit fail, and its retry, on the fresh table, finds the rows there."""
+    rows = _observations_of(s3_settings, sample_bytes, land_raw(s3_settings, sample_bytes))
+    lake.ensure_tables(s3_settings)
+    one = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
+    two = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
+    assert one.version() == two.version() == 0
+    lake.merge_observations(one, rows, batch=1)
+    assert not lake.may_hold(two, rows)  # `two` still sees the table as it was: the rows look new to it
+    lake.merge_observations(two, rows, batch=1)
+    frame = lake.scan_table(lake.ensure_tables(s3_settings)[lake.OBSERVATIONS], lake.storage_options(s3_settings))
+    assert frame.select(pl.len()).collect().item() == 2859
