@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -123,6 +123,8 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "segments_version": pl.Int64(),
     },
 }
+# What every merge writes; rejected_records is opened only when a batch has rejected rows.
+MERGE_TABLES = (OBSERVATIONS, SEGMENTS, MERGE_LOG)
 PARTITIONS = {OBSERVATIONS: ["measured_date"], REJECTED: [], SEGMENTS: [], MERGE_LOG: []}
 # Columns that make a segment version: a change in any of them opens a new version.
 SEGMENT_ATTRIBUTES = (
@@ -186,14 +188,14 @@ def _open_table(settings: Settings, name: str) -> DeltaTable:
             return DeltaTable(uri, storage_options=options)
 
 
-def ensure_tables(settings: Settings) -> dict[str, DeltaTable]:
-    """Open every table, creating the missing ones (safe when two processes race to create).
+def ensure_tables(settings: Settings, names: Iterable[str] = tuple(SCHEMAS)) -> dict[str, DeltaTable]:
+    """Open the tables (all four by default), creating the missing ones (safe when two processes race).
 
-    The four are opened side by side: each open is a few S3 round trips that delta-rs waits on
-    without holding the GIL.
+    They are opened side by side: each open is mostly S3 round trips.
     """
-    with ThreadPoolExecutor(max_workers=len(SCHEMAS)) as pool:
-        return dict(zip(SCHEMAS, pool.map(lambda name: _open_table(settings, name), SCHEMAS), strict=True))
+    names = tuple(names)
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(lambda name: _open_table(settings, name), names), strict=True))
 
 
 def scan_table(table: DeltaTable, options: dict[str, str]) -> pl.LazyFrame:
@@ -340,16 +342,18 @@ def _prepare_in_worker(settings: Settings, objects: list[RawObject]) -> Prepared
 def prepared_batches(settings: Settings, s3: Any, objects: list[RawObject]) -> Iterator[Prepared]:
     """`prepare` over the objects, in order, OBJECTS_PER_TASK at a time.
 
-    Large batches (a backlog, a backfill) are prepared by one worker process per core: parsing is pure
+    Large batches (a backlog, a backfill) are prepared by worker processes, one per core and one more: parsing is pure
     Python work that one process's GIL would serialize. Workers are spawned, never forked: this process
     holds threads (delta-rs, boto3) that a fork would copy in an unknown state.
     """
     tasks = [objects[i : i + OBJECTS_PER_TASK] for i in range(0, len(objects), OBJECTS_PER_TASK)]
-    workers = min(os.cpu_count() or 1, len(tasks), 4)
-    if len(objects) < PROCESSES_FROM or workers < 2:
+    cores = os.cpu_count() or 1
+    if len(objects) < PROCESSES_FROM or cores < 2:
         for task in tasks:
             yield prepare(s3, settings.bucket, task)
         return
+    # One more worker than cores: while one waits for its downloads, the others keep the cores busy.
+    workers = min(cores + 1, len(tasks), 5)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield from pool.map(_prepare_in_worker, itertools.repeat(settings), tasks)
@@ -439,6 +443,8 @@ def dedupe(accepted: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     Returns (unique rows, count of dropped duplicates per source_key).
     """
+    if not accepted.select(pl.struct("segment_key", "measured_at").is_duplicated().any()).item():
+        return accepted, pl.DataFrame(schema={"source_key": pl.String, "duplicate_rows": pl.UInt32})
     ranked = accepted.sort(
         ["segment_key", "measured_at", "probe_count", "record_index"],
         descending=[False, False, True, False],
@@ -638,8 +644,8 @@ def merge_segments(table: DeltaTable, versions: pl.DataFrame, options: dict[str,
     return table.version()
 
 
-def merge_rejected(table: DeltaTable, rejected: pl.DataFrame, batch: int) -> None:
-    if rejected.is_empty():
+def merge_rejected(table: DeltaTable | None, rejected: pl.DataFrame, batch: int) -> None:
+    if rejected.is_empty() or table is None:
         return
     now = datetime.now(UTC)
     record_columns = [c for c in rejected.columns if c not in ("reason", "source_key", "landed_at")]
@@ -708,7 +714,7 @@ def merge_objects(
     result = MergeResult()
     with ThreadPoolExecutor(max_workers=1) as background:
         # The tables open (S3 round trips, without the GIL) while the first objects are parsed (CPU).
-        opening = background.submit(ensure_tables, settings) if tables is None else None
+        opening = background.submit(ensure_tables, settings, MERGE_TABLES) if tables is None else None
         pending: list[Prepared] = []
         for prepared in prepared_batches(settings, s3, objects):
             pending.append(prepared)
@@ -738,11 +744,13 @@ def _merge_chunk(
     obs_version = seg_version = tables[OBSERVATIONS].version()
     if observations.height:
         rejected = pl.concat([p.rejected for p in batches], how="diagonal_relaxed")
+        if rejected.height and REJECTED not in tables:
+            tables[REJECTED] = _open_table(settings, REJECTED)
         rows = observations.with_columns(pl.lit(merged_at, dtype=UTC_US).alias("merged_at"))
         versions = pl.concat([p.versions for p in batches if p.versions.height])
         # Three tables, three independent commits: side by side. The merge log waits for all three.
         with ThreadPoolExecutor(max_workers=3) as writers:
-            rejected_written = writers.submit(merge_rejected, tables[REJECTED], rejected, batch)
+            rejected_written = writers.submit(merge_rejected, tables.get(REJECTED), rejected, batch)
             obs_written = writers.submit(merge_observations, tables[OBSERVATIONS], rows, batch)
             seg_written = writers.submit(merge_segments, tables[SEGMENTS], versions, storage_options(settings), batch)
             rejected_written.result()
@@ -784,7 +792,7 @@ def _log_row(item: ObjectCounts, merged_at: datetime, batch_id: str) -> dict[str
 def merge_pending(settings: Settings, s3: Any = None) -> MergeResult:
     """Merge every landed snapshot not merged yet, in one run. The CLI and the DAG both call this."""
     s3 = s3 or storage.s3_client(settings)
-    tables = ensure_tables(settings)
+    tables = ensure_tables(settings, MERGE_TABLES)
     pending = pending_raw(settings, s3, tables)
     log.info("%d landed snapshots pending", len(pending))
     return merge_objects(settings, pending, s3, tables)
