@@ -40,12 +40,14 @@ test: install superset-install browser-install lint ## all tests: unit (moto), i
 demo: install ## run the whole stack offline against the local feed (simulated Rennes traffic)
 	$(ENV) $(TW) service start s3
 	$(ENV) TRAFFICWATCH_FEED_ARGS="$(DEMO_FEED_ARGS)" $(TW) service start feed
+	$(ENV) $(TW) service start marts-builder
 	$(ENV) TRAFFICWATCH_API_URL=http://127.0.0.1:$$TRAFFICWATCH_FEED_PORT $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
 
 up: install ## run the whole stack against the live Rennes API
 	$(ENV) $(TW) service start s3
+	$(ENV) $(TW) service start marts-builder
 	$(ENV) $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
@@ -56,17 +58,19 @@ _airflow:
 	  { tail -20 "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log"; exit 1; }
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
 
-bench: install ## benchmarks (own local S3 on free ports, data cached in .data/bench; BENCH_ARGS=--profile)
+bench: install ## lake merge, then marts build-and-publish benchmarks (own local S3, data cached in .data/bench; BENCH_ARGS=--profile for the lake)
 	$(ENV) $(VENV)/bin/python bench/lake_merge.py $(BENCH_ARGS)
+	$(ENV) $(VENV)/bin/python bench/marts_build.py
 
 stop: ## stop every local service
 	-$(ENV) $(TW) service stop superset
 	-$(ENV) $(TW) service stop airflow
+	-$(ENV) $(TW) service stop marts-builder
 	-$(ENV) $(TW) service stop feed
 	-$(ENV) $(TW) service stop s3
 
 status: ## what runs, and where
-	@$(ENV) for s in s3 feed airflow superset; do $(TW) service status $$s || true; done; \
+	@$(ENV) for s in s3 feed marts-builder airflow superset; do $(TW) service status $$s || true; done; \
 	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \

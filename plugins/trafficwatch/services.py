@@ -1,4 +1,4 @@
-"""Background services for local runs: the S3 server, the feed, Airflow and Superset.
+"""Background services for local runs: the S3 server, the feed, the marts builder, Airflow and Superset.
 
 `make` starts and stops them through `trafficwatch service start|stop|status NAME`; the tests use the same
 functions with a temporary home. Each service runs in its own process group (Airflow standalone leaves
@@ -109,6 +109,20 @@ def feed(port: int, args: list[str]) -> Service:
     url = f"http://127.0.0.1:{port}"
     command = [venv_bin("trafficwatch"), "feed", "--port", str(port), *args]
     return Service("feed", command, http_ok(f"{url}/health"), url)
+
+
+def marts_builder(socket_path: Path) -> Service:
+    """`trafficwatch marts-builder`: dbt imported once, builds served on a Unix socket (see builder.py)."""
+
+    def ready() -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            try:
+                conn.connect(str(socket_path))
+            except OSError:
+                return False
+        return True
+
+    return Service("marts-builder", [venv_bin("trafficwatch"), "marts-builder"], ready, f"unix:{socket_path}")
 
 
 def airflow(port: int) -> Service:

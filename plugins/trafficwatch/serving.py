@@ -182,6 +182,21 @@ class BuildResult:
             "publish_seconds": round(self.publish_seconds, 3),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildResult:
+        """The inverse of `as_dict` (a build done by the marts builder process comes back as JSON)."""
+        latest = data["latest_measured_at"]
+        return cls(
+            serving_db=Path(data["serving_db"]),
+            built_at=datetime.fromisoformat(data["built_at"]),
+            latest_measured_at=datetime.fromisoformat(latest) if latest else None,
+            nodes=data["nodes"],
+            rows=data["rows"],
+            full_publish=data["full_publish"],
+            dbt_seconds=data["dbt_seconds"],
+            publish_seconds=data["publish_seconds"],
+        )
+
     def summary(self) -> str:
         nodes = ", ".join(f"{count} {kind}" for kind, count in sorted(self.nodes.items()))
         latest = self.latest_measured_at.isoformat() if self.latest_measured_at else "no data"
