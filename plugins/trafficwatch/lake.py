@@ -270,7 +270,9 @@ class Prepared:
 
 VERSION_COLUMNS = ("segment_key", "measured_at", "source_key", *SEGMENT_ATTRIBUTES, "geometry_type")
 OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minutes, so versions collapse
-PROCESSES_FROM = 2 * OBJECTS_PER_TASK  # smaller batches are prepared in this process
+# Smaller batches are prepared in this process. A spawned worker costs 1-5 s to start (under Airflow it
+# imports Airflow again), ~20 s of parsing here pays for that many times over.
+PROCESSES_FROM = 240
 
 
 def _download(s3: Any, bucket: str, obj: RawObject) -> bytes:

@@ -93,7 +93,10 @@ def test_lineage_and_merge_log(s3_settings, sample_bytes) -> None:
     )
 
 
-def test_backlog_of_100_snapshots_clears_in_one_run(s3_settings, sample_bytes) -> None:
+@pytest.mark.parametrize("where", ["this process", "worker processes"])
+def test_backlog_of_100_snapshots_clears_in_one_run(where, s3_settings, sample_bytes, monkeypatch) -> None:
+    # Backlogs from PROCESSES_FROM objects on are parsed in spawned worker processes: test both paths.
+    monkeypatch.setattr(lake, "PROCESSES_FROM", 1000 if where == "this process" else 50)
     for minutes in range(0, 300, 3):
         land_raw(s3_settings, redated(sample_bytes, minutes))
     assert lake.status(s3_settings)["pending_raw_objects"] == 100
