@@ -54,6 +54,7 @@ RELIABILITY_RANGE_PCT = (0, 100)
 LON_RANGE = (-2.5, -1.0)
 LAT_RANGE = (47.7, 48.5)
 GEOMETRY_TYPES = ("LineString", "MultiLineString")
+GEOMETRY_TYPE = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')  # from the GeoJSON text
 COMMIT_ATTEMPTS = 5
 OBJECTS_PER_COMMIT = 720  # ~2 M rows: bounds memory on long backfills
 
@@ -317,7 +318,7 @@ def prepare(s3: Any, bucket: str, objects: list[RawObject]) -> Prepared:
         versions.append(
             unique.with_columns(
                 pl.col("geometry").alias("geometry_geojson"),
-                pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"').alias("geometry_type"),
+                GEOMETRY_TYPE.alias("geometry_type"),
             ).select(VERSION_COLUMNS)
         )
         if bad.height:
@@ -427,11 +428,10 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.format("point ({}, {}) is outside the Rennes area", pl.col("point_lon"), pl.col("point_lat")),
         ),
     ]
-    geometry_type = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')
     reasons.append(
         _reason(
-            pl.col("geometry").is_not_null() & ~geometry_type.fill_null("").is_in(GEOMETRY_TYPES),
-            pl.format("geometry type {} is not LineString or MultiLineString", geometry_type.fill_null("unknown")),
+            pl.col("geometry").is_not_null() & ~GEOMETRY_TYPE.fill_null("").is_in(GEOMETRY_TYPES),
+            pl.format("geometry type {} is not LineString or MultiLineString", GEOMETRY_TYPE.fill_null("unknown")),
         )
     )
     checked = frame.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"))
