@@ -40,14 +40,14 @@ test: install superset-install browser-install lint ## all tests: unit (moto), i
 demo: install ## run the whole stack offline against the local feed (simulated Rennes traffic)
 	$(ENV) $(TW) service start s3
 	$(ENV) TRAFFICWATCH_FEED_ARGS="$(DEMO_FEED_ARGS)" $(TW) service start feed
-	$(ENV) $(TW) service start marts-builder
+	$(ENV) $(TW) service start worker
 	$(ENV) TRAFFICWATCH_API_URL=http://127.0.0.1:$$TRAFFICWATCH_FEED_PORT $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
 
 up: install ## run the whole stack against the live Rennes API
 	$(ENV) $(TW) service start s3
-	$(ENV) $(TW) service start marts-builder
+	$(ENV) $(TW) service start worker
 	$(ENV) $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
@@ -65,12 +65,12 @@ bench: install ## lake merge, then marts build-and-publish benchmarks (own local
 stop: ## stop every local service
 	-$(ENV) $(TW) service stop superset
 	-$(ENV) $(TW) service stop airflow
-	-$(ENV) $(TW) service stop marts-builder
+	-$(ENV) $(TW) service stop worker
 	-$(ENV) $(TW) service stop feed
 	-$(ENV) $(TW) service stop s3
 
 status: ## what runs, and where
-	@$(ENV) for s in s3 feed marts-builder airflow superset; do $(TW) service status $$s || true; done; \
+	@$(ENV) for s in s3 feed worker airflow superset; do $(TW) service status $$s || true; done; \
 	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \

@@ -11,7 +11,7 @@ timed). Two series, each giving a median:
 1. each cycle in a fresh spawned process, as an Airflow task runs it: importing dbt (~5 s of CPU, done
    inside `build`) is part of the cycle; only the interpreter's start is not;
 2. cycles in one process that has imported dbt already (its first cycle, which imports it, is left out);
-3. each cycle in a fresh spawned process asking the marts builder service (`trafficwatch marts-builder`,
+3. each cycle in a fresh spawned process asking the worker service (`trafficwatch worker`,
    started by `make demo` and `make up`) to build and publish: what the DAG task does when it runs. The
    history is restored to its cached state first, so the same snapshots as series 1 are used. The
    10 s target applies to this series.
@@ -49,7 +49,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from trafficwatch import builder, lake, services, serving
+from trafficwatch import lake, services, serving, worker
 from trafficwatch.config import Settings
 
 HISTORY_DAYS = 30
@@ -169,9 +169,9 @@ def _cycles_child(root: str, keys: list[str]) -> list[dict[str, Any]]:
     return cycles
 
 
-def _builder_cycle_child(root: str, key: str) -> dict[str, Any]:
-    """One cycle as the DAG task runs it when the marts builder service runs: a fresh process merges the
-    new snapshot (not timed), then asks the builder (dbt imported there once) to build and publish."""
+def _worker_cycle_child(root: str, key: str) -> dict[str, Any]:
+    """One cycle as the DAG task runs it when the worker service runs: a fresh process merges the new
+    snapshot (not timed), then asks the worker (dbt imported there once) to build and publish."""
     logging.basicConfig(level=logging.WARNING)
     settings = history_settings(Path(root))
     s3 = LM.s3_client()
@@ -180,11 +180,11 @@ def _builder_cycle_child(root: str, key: str) -> dict[str, Any]:
     if merged.observations != LM.RECORDS:
         raise RuntimeError(f"{key}: expected {LM.RECORDS} new observations, got {merged.as_dict()}")
     started = time.perf_counter()
-    result = builder.build_marts(settings)
+    result = worker.build_marts(settings)
     seconds = time.perf_counter() - started
     if "dbt.cli.main" in sys.modules:
-        raise RuntimeError("the marts builder did not take the build: this process imported dbt")
-    print(f"  {key}: {seconds:.2f} s (marts builder)", flush=True)
+        raise RuntimeError("the worker did not take the build: this process imported dbt")
+    print(f"  {key}: {seconds:.2f} s (worker)", flush=True)
     return {
         "key": key,
         "fresh": False,
@@ -197,12 +197,12 @@ def _builder_cycle_child(root: str, key: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_builder(root: Path) -> Iterator[None]:
-    """`trafficwatch marts-builder` for the history bucket and the working copy, as `make demo` runs it."""
+def running_worker(root: Path) -> Iterator[None]:
+    """`trafficwatch worker` for the history bucket and the working copy, as `make demo` runs it."""
     settings = history_settings(root)
     saved = {name: os.environ.get(name) for name in ("TRAFFICWATCH_HOME", "TRAFFICWATCH_BUCKET")}
     os.environ.update(TRAFFICWATCH_HOME=str(root), TRAFFICWATCH_BUCKET=settings.bucket)
-    service = services.marts_builder(builder.socket_path(settings))
+    service = services.worker(worker.socket_path(settings))
     try:
         services.start(service, root)
         yield
@@ -235,12 +235,12 @@ def report(
             f"{' (incl. importing dbt)' if c['fresh'] else ''} + publish {c['publish']:.2f} s ({kind}); "
             f"the merge before it: {c['merge']:.2f} s"
         )
-    print(f"cycle in a fresh process without the builder (dbt imported each time): {summary(cold)}")
+    print(f"cycle in a fresh process without the worker (dbt imported each time): {summary(cold)}")
     print(f"cycle in a process that has imported dbt already: {summary(warm)}")
-    print(f"cycle as the DAG task runs it with the marts builder service (make demo / make up): {summary(served)}")
+    print(f"cycle as the DAG task runs it with the worker service (make demo / make up): {summary(served)}")
     median_served = statistics.median(c["seconds"] for c in served)
     verdict = "met" if median_served <= TARGET_CYCLE_S else "MISSED"
-    print(f"[target <= {TARGET_CYCLE_S:.0f} s for the DAG's cycle (with the marts builder): {verdict}]")
+    print(f"[target <= {TARGET_CYCLE_S:.0f} s for the DAG's cycle (with the worker): {verdict}]")
 
 
 def main() -> int:
@@ -276,13 +276,13 @@ def main() -> int:
                 cold += LM.in_child(_cycles_child, str(work), [key])
             print(f"{args.cycles} cycles in one process, after one that imports dbt:")
             warm = LM.in_child(_cycles_child, str(work), keys[args.cycles : 2 * args.cycles + 1])[1:]
-            # The same snapshots again, from the cached state, through the marts builder service.
+            # The same snapshots again, from the cached state, through the worker service.
             if not LM.restore_history(s3, history_settings(work), history["tables"]):
                 raise RuntimeError("the 30-day history could not be restored between series")
             working_copy(cached, work)
-            print(f"{args.cycles} cycles, each in a fresh process asking the marts builder service:")
-            with running_builder(work):
-                served = [LM.in_child(_builder_cycle_child, str(work), key) for key in keys[: args.cycles]]
+            print(f"{args.cycles} cycles, each in a fresh process asking the worker service:")
+            with running_worker(work):
+                served = [LM.in_child(_worker_cycle_child, str(work), key) for key in keys[: args.cycles]]
         finally:
             if not LM.restore_history(s3, history_settings(work), history["tables"]):
                 print("warning: the 30-day history could not be restored; the next run rebuilds it", file=sys.stderr)

@@ -13,9 +13,9 @@ by atomic replace, so a dashboard never sees a lock error or a half-built state.
 If a data test fails, nothing is published (the dashboards keep the previous file), the task fails with
 the failing tests named in one line, and it is not retried: the same data would fail the same way. The
 dbt log above that line shows each test's result. Other errors are retried once. Same function as
-`trafficwatch build`: when the marts builder service runs (`make demo` and `make up` start it), the build
-runs there, in a process that imported dbt once, instead of paying dbt's 5-6 s import in every task; its
-dbt log is then in `$TRAFFICWATCH_HOME/logs/marts-builder.log`.
+`trafficwatch build`: when the worker service runs (`make demo` and `make up` start it), the build runs
+there, in a process that imported dbt once, instead of paying dbt's 5-6 s import in every task; its full
+dbt log is then in `$TRAFFICWATCH_HOME/logs/worker.log`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from trafficwatch.assets import LAKE_OBSERVATIONS, SERVING_DB
 def traffic_marts() -> None:
     @task(outlets=[SERVING_DB], execution_timeout=timedelta(minutes=30))
     def build_and_publish_marts() -> dict:
-        from trafficwatch.builder import build_marts
         from trafficwatch.config import load_settings
         from trafficwatch.serving import DataTestsFailed
+        from trafficwatch.worker import build_marts
 
         try:
             return build_marts(load_settings()).as_dict()

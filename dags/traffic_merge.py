@@ -13,7 +13,9 @@ minute, and MERGEs into `traffic_observations`, `road_segments` (one row per seg
 duplicates a row. The log line of each snapshot gives its accepted, rejected and duplicate counts.
 
 A run whose sensor waited `TRAFFICWATCH_MERGE_WAIT_TIMEOUT` seconds (default 900) for nothing ends
-skipped, and the next run starts. Same function as `trafficwatch merge`.
+skipped, and the next run starts. Same function as `trafficwatch merge`: when the worker service runs
+(`make demo` and `make up` start it), the merge runs there, on Delta tables it keeps open, and its log
+lines come back into this task's log.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def traffic_merge() -> None:
     @task(outlets=[LAKE_OBSERVATIONS], execution_timeout=timedelta(minutes=30))
     def merge_pending_snapshots() -> dict[str, int | float]:
         from trafficwatch.config import load_settings
-        from trafficwatch.lake import merge_pending
+        from trafficwatch.worker import merge_pending
 
         result = merge_pending(load_settings())
         if not result.merged_objects and not result.quarantined_objects:

@@ -48,9 +48,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from trafficwatch import lake
+    from trafficwatch import worker
 
-    print(lake.merge_pending(load_settings()).summary())
+    try:
+        result = worker.merge_pending(load_settings())
+    except worker.WorkerError as error:
+        print(f"merge failed: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
     return 0
 
 
@@ -72,21 +77,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from trafficwatch import builder, serving
+    from trafficwatch import serving, worker
 
     try:
-        result = builder.build_marts(load_settings(), full_refresh=args.full_refresh)
-    except serving.BuildError as error:
+        result = worker.build_marts(load_settings(), full_refresh=args.full_refresh)
+    except (serving.BuildError, worker.WorkerError) as error:
         print(f"build failed: {error}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0
 
 
-def _cmd_marts_builder(args: argparse.Namespace) -> int:
-    from trafficwatch import builder
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from trafficwatch import worker
 
-    builder.serve(load_settings())
+    worker.serve(load_settings())
     return 0
 
 
@@ -105,10 +110,10 @@ def _service(name: str) -> services.Service:
     if name == "feed":
         port = int(os.environ.get("TRAFFICWATCH_FEED_PORT", "8090"))
         return services.feed(port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
-    if name == "marts-builder":
-        from trafficwatch.builder import socket_path
+    if name == "worker":
+        from trafficwatch.worker import socket_path
 
-        return services.marts_builder(socket_path(settings))
+        return services.worker(socket_path(settings))
     if name == "airflow":
         return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
     if name == "superset":
@@ -206,21 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(models and their data tests), then publish the marts to the serving file "
         "($TRAFFICWATCH_HOME/serving/traffic.duckdb or TRAFFICWATCH_SERVING_DB) by atomic replace. Exit 1 "
         "with a one-line reason, naming any failing data test, when nothing was published. Runs in the "
-        "marts builder when one is running (`trafficwatch service start marts-builder`), else here.",
+        "worker when one is running (`trafficwatch service start worker`), else here.",
     )
     build.add_argument(
         "--full-refresh", action="store_true", help="rebuild the incremental marts from the whole lake history"
     )
     build.set_defaults(func=_cmd_build)
 
-    marts_builder = commands.add_parser(
-        "marts-builder",
-        help="serve `build` requests from a process that imports dbt once (a 5-6 s import saved per build)",
-        description="Import dbt, then run each build that `trafficwatch build` or the traffic_marts DAG asks "
-        "for on the Unix socket $TRAFFICWATCH_HOME/run/marts-builder.sock, one at a time. Usually started "
-        "as a service: `trafficwatch service start marts-builder` (make demo and make up do).",
+    worker = commands.add_parser(
+        "worker",
+        help="serve merges and builds from a process that keeps dbt imported and the Delta tables open",
+        description="Import dbt and open the lake's tables, then run the merges, pending counts and builds "
+        "that `trafficwatch merge|build` and the DAGs ask for on the Unix socket "
+        "$TRAFFICWATCH_HOME/run/worker.sock (merges one at a time, builds one at a time). Saves dbt's 5-6 s "
+        "import per build and the tables' opening per merge. Usually started as a service: "
+        "`trafficwatch service start worker` (make demo and make up do).",
     )
-    marts_builder.set_defaults(func=_cmd_marts_builder)
+    worker.set_defaults(func=_cmd_worker)
 
     status = commands.add_parser(
         "status",
@@ -239,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = commands.add_parser(
         "service",
-        help="start, stop or check a local background service (s3, feed, marts-builder, airflow, superset)",
+        help="start, stop or check a local background service (s3, feed, worker, airflow, superset)",
         description="Local services for offline runs, each in its own process group with its pid in "
         "$TRAFFICWATCH_HOME/run and its log in $TRAFFICWATCH_HOME/logs.",
     )
     service.add_argument("action", choices=("start", "stop", "status"))
-    service.add_argument("name", choices=("s3", "feed", "marts-builder", "airflow", "superset"))
+    service.add_argument("name", choices=("s3", "feed", "worker", "airflow", "superset"))
     service.set_defaults(func=_cmd_service)
     return parser
 

@@ -1,4 +1,4 @@
-"""Background services for local runs: the S3 server, the feed, the marts builder, Airflow and Superset.
+"""Background services for local runs: the S3 server, the feed, the worker, Airflow and Superset.
 
 `make` starts and stops them through `trafficwatch service start|stop|status NAME`; the tests use the same
 functions with a temporary home. Each service runs in its own process group (Airflow standalone leaves
@@ -111,8 +111,9 @@ def feed(port: int, args: list[str]) -> Service:
     return Service("feed", command, http_ok(f"{url}/health"), url)
 
 
-def marts_builder(socket_path: Path) -> Service:
-    """`trafficwatch marts-builder`: dbt imported once, builds served on a Unix socket (see builder.py)."""
+def worker(socket_path: Path) -> Service:
+    """`trafficwatch worker`: dbt imported and the tables open once, merges and builds served on a Unix
+    socket (see worker.py)."""
 
     def ready() -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -122,7 +123,7 @@ def marts_builder(socket_path: Path) -> Service:
                 return False
         return True
 
-    return Service("marts-builder", [venv_bin("trafficwatch"), "marts-builder"], ready, f"unix:{socket_path}")
+    return Service("worker", [venv_bin("trafficwatch"), "worker"], ready, f"unix:{socket_path}")
 
 
 def airflow(port: int) -> Service:

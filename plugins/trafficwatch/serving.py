@@ -184,7 +184,7 @@ class BuildResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildResult:
-        """The inverse of `as_dict` (a build done by the marts builder process comes back as JSON)."""
+        """The inverse of `as_dict` (a build done by the worker process comes back as JSON)."""
         latest = data["latest_measured_at"]
         return cls(
             serving_db=Path(data["serving_db"]),

@@ -18,12 +18,10 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 def count_pending() -> int:
-    from trafficwatch import lake, storage
+    from trafficwatch import worker
     from trafficwatch.config import load_settings
 
-    settings = load_settings()
-    s3 = storage.s3_client(settings)
-    return len(lake.pending_raw(settings, s3, lake.ensure_tables(settings)))
+    return worker.count_pending(load_settings())
 
 
 class PendingRawTrigger(BaseTrigger):

@@ -1,0 +1,224 @@
+"""The worker: a long-lived process that keeps dbt imported and the Delta tables open, and runs the
+merges and marts builds the DAG tasks (and the CLI) hand it.
+
+Every Airflow task is a new process. Importing dbt costs it 5-6 s of CPU, more than half of a one-minute
+build-and-publish cycle, and opening the three Delta tables of a merge costs ~15 ms of CPU each (the S3
+client parses the system's CA certificates every time), half of a one-snapshot merge. `trafficwatch worker`
+pays both once, then serves requests on a Unix socket, `$TRAFFICWATCH_HOME/run/worker.sock`, for the lake
+of its own home and bucket. Merges run one at a time, builds one at a time (the warehouse has a single
+writer); a build does not hold up the next merge.
+
+`merge_pending`, `count_pending` and `build_marts` hand their work to the worker when one listens for the
+same home and bucket, and otherwise do it in their own process. Either way the same functions do the work
+(`lake.merge_pending`, `lake.pending_raw`, `serving.build`), and failures come back as the same exceptions.
+The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
+
+Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build", "home",
+"bucket", "full_refresh"}`; answer `{"result", "log"}`, or `{"error", "failed_tests", "log"}`, or
+`{"mismatch"}` when the worker serves another home or bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import socketserver
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from trafficwatch import lake, serving, storage
+from trafficwatch.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "worker.sock"
+
+
+class WorkerError(RuntimeError):
+    """The worker failed a request for a reason other than the work itself (e.g. it stopped mid-way)."""
+
+
+def socket_path(settings: Settings) -> Path:
+    return settings.home / "run" / SOCKET_NAME
+
+
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _receive(conn: socket.socket) -> dict[str, Any] | None:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)
+
+
+# --------------------------------------------------------------------------- the worker process
+
+
+class _ThreadLog(logging.Handler):
+    """Collects the records that one thread logs: the lines a request's answer carries back."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append(record.getMessage())
+
+
+@contextmanager
+def _collected_log() -> Iterator[list[str]]:
+    handler = _ThreadLog()
+    logger = logging.getLogger("trafficwatch")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+
+
+class Worker:
+    """What the worker process keeps between requests: the open tables and one lock per kind of work."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.s3 = storage.s3_client(settings)
+        self.tables = lake.OpenTables(settings)
+        self.lake_lock = threading.Lock()  # merges and pending counts share the open tables
+        self.build_lock = threading.Lock()  # the warehouse DuckDB has a single writer
+
+    def merge(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lake_lock:
+            return lake.merge_pending(self.settings, self.s3, self.tables.get()).as_dict()
+
+    def pending(self, request: dict[str, Any]) -> int:
+        with self.lake_lock:
+            return len(lake.pending_raw(self.settings, self.s3, self.tables.get()))
+
+    def build(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.build_lock:
+            result = serving.build(self.settings, full_refresh=bool(request.get("full_refresh")))
+        log.info(result.summary())
+        return result.as_dict()
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        if (request.get("home"), request.get("bucket")) != (str(self.settings.home), self.settings.bucket):
+            return {"mismatch": f"the worker serves home {self.settings.home} and bucket {self.settings.bucket}"}
+        operations: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "merge": self.merge, "pending": self.pending, "build": self.build,
+        }  # fmt: skip
+        operation = operations.get(str(request.get("op")))
+        if operation is None:
+            return {"error": f"unknown operation {request.get('op')!r}", "failed_tests": [], "log": []}
+        with _collected_log() as lines:
+            try:
+                return {"result": operation(request), "log": lines}
+            except serving.DataTestsFailed as failure:
+                return {"error": str(failure), "failed_tests": failure.tests, "log": lines}
+            except (serving.BuildError, ConfigError) as error:
+                return {"error": str(error), "failed_tests": [], "log": lines}
+            except Exception as error:  # the worker outlives any one request; the requester gets the cause
+                log.error("%s failed:\n%s", request.get("op"), traceback.format_exc())
+                return {"error": f"worker: {type(error).__name__}: {error}", "failed_tests": [], "log": lines}
+
+
+def serve(settings: Settings, path: Path | None = None) -> None:
+    """Import dbt, then answer requests on the socket (a thread each) until the process is stopped."""
+    from dbt.cli.main import dbtRunner  # noqa: F401  the import this process exists to pay once
+
+    worker = Worker(settings)
+    worker.tables.get()  # open (or create) the tables now, not on the first merge
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                request = _receive(self.request)
+                if request is not None:
+                    _send(self.request, worker.answer(request))
+            except (OSError, ValueError) as error:  # a requester that went away or sent garbage
+                log.warning("worker: dropped a request: %s", error)
+
+    path = path or socket_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with socketserver.ThreadingUnixStreamServer(str(path), Handler) as server:
+        server.daemon_threads = True
+        log.info("worker ready on %s (home %s, bucket %s)", path, settings.home, settings.bucket)
+        server.serve_forever()
+
+
+# --------------------------------------------------------------------------- asking the worker
+
+
+def _connect(path: Path) -> socket.socket | None:
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:  # a socket left by a worker that is gone
+        conn.close()
+        return None
+    return conn
+
+
+def _ask(settings: Settings, op: str, **arguments: Any) -> dict[str, Any] | None:
+    """The worker's answer, or None when no worker serves this home and bucket."""
+    conn = _connect(socket_path(settings))
+    if conn is None:
+        return None
+    with conn:
+        _send(conn, {"op": op, "home": str(settings.home), "bucket": settings.bucket, **arguments})
+        answer = _receive(conn)
+    if answer is None:
+        raise WorkerError(f"the worker closed the connection before answering {op} (did it stop?)")
+    if "mismatch" in answer:
+        log.warning("%s: %s in this process", answer["mismatch"], op)
+        return None
+    for line in answer.get("log", []):
+        log.info("[worker] %s", line)
+    return answer
+
+
+def merge_pending(settings: Settings) -> lake.MergeResult:
+    """`lake.merge_pending`: in the worker when one runs, else in this process."""
+    answer = _ask(settings, "merge")
+    if answer is None:
+        return lake.merge_pending(settings)
+    if "error" in answer:
+        raise WorkerError(answer["error"])
+    return lake.MergeResult.from_dict(answer["result"])
+
+
+def count_pending(settings: Settings) -> int:
+    """How many landed snapshots wait to be merged: asked of the worker when one runs, else read here."""
+    answer = _ask(settings, "pending")
+    if answer is None:
+        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
+    if "error" in answer:
+        raise WorkerError(answer["error"])
+    return int(answer["result"])
+
+
+def build_marts(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
+    """dbt build and publish (`serving.build`): in the worker when one runs, else in this process."""
+    answer = _ask(settings, "build", full_refresh=full_refresh)
+    if answer is None:
+        return serving.build(settings, full_refresh=full_refresh)
+    if "error" in answer:
+        if answer.get("failed_tests"):
+            raise serving.DataTestsFailed(answer["error"], answer["failed_tests"])
+        raise serving.BuildError(answer["error"])
+    log.info("built by the worker on %s", socket_path(settings))
+    return serving.BuildResult.from_dict(answer["result"])

@@ -1,0 +1,111 @@
+"""The worker service: a real `trafficwatch worker` process serving merges, pending counts and builds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from dataclasses import replace
+
+import duckdb
+import polars as pl
+import pytest
+
+from tests.conftest import SAMPLE_RECORDS, land_raw, redated
+from trafficwatch import lake, services, serving, worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def running_worker(s3_settings):
+    """The worker, started as `make demo` starts it, on the test's home and bucket; stopped by its group."""
+    service = services.worker(worker.socket_path(s3_settings))
+    services.start(service, s3_settings.home)
+    yield s3_settings
+    services.stop(s3_settings.home, service.name)
+
+
+def _renamed(sample_bytes: bytes, minutes: int, key: str, name: str) -> bytes:
+    """The sample `minutes` later, with segment `key` under another road name (a new segment version)."""
+    records = json.loads(redated(sample_bytes, minutes))
+    for record in records:
+        if record["predefinedlocationreference"] == key:
+            record["denomination"] = name
+    return json.dumps(records).encode()
+
+
+def _lake_rows(settings) -> dict[str, pl.DataFrame]:
+    options = lake.storage_options(settings)
+    return {name: lake.scan_table(table, options).collect() for name, table in lake.ensure_tables(settings).items()}
+
+
+def test_merges_and_pending_counts_run_in_the_worker_on_tables_it_keeps_open(
+    running_worker, sample_bytes, caplog
+) -> None:
+    settings = running_worker
+    land_raw(settings, sample_bytes)
+    assert worker.count_pending(settings) == 1
+    with caplog.at_level(logging.INFO, logger="trafficwatch.worker"):
+        result = worker.merge_pending(settings)
+    assert (result.merged_objects, result.observations) == (1, SAMPLE_RECORDS)
+    assert "[worker] raw/" in caplog.text and f"{SAMPLE_RECORDS} records" in caplog.text  # its log came back
+    assert worker.count_pending(settings) == 0
+    assert worker.merge_pending(settings).merged_objects == 0
+
+    # Another process merges behind the worker's back, and changes one segment's road name...
+    key = json.loads(sample_bytes)[0]["predefinedlocationreference"]
+    land_raw(settings, _renamed(sample_bytes, 3, key, "Rue du Test"))
+    assert lake.merge_pending(settings).merged_objects == 1
+    # ... then the worker merges the next snapshot (same new name): its open tables must see that commit.
+    land_raw(settings, _renamed(sample_bytes, 6, key, "Rue du Test"))
+    assert worker.count_pending(settings) == 1
+    assert worker.merge_pending(settings).observations == SAMPLE_RECORDS
+
+    rows = _lake_rows(settings)
+    observations, segments = rows[lake.OBSERVATIONS], rows[lake.SEGMENTS]
+    assert observations.height == 3 * SAMPLE_RECORDS
+    assert observations.select("segment_key", "measured_at").n_unique() == 3 * SAMPLE_RECORDS
+    assert rows[lake.MERGE_LOG]["source_key"].n_unique() == rows[lake.MERGE_LOG].height == 3
+    # One version more for the renamed segment, none for the others: the worker did not compare the
+    # third snapshot with the road_segments it had read before the rename.
+    assert segments.height == SAMPLE_RECORDS + 1
+    renamed = segments.filter(pl.col("segment_key") == key).sort("valid_from")
+    assert renamed["road_name"].to_list()[-1] == "Rue du Test"
+    assert renamed["is_current"].to_list() == [False, True]
+
+
+def test_builds_run_in_the_worker_and_failures_come_back(running_worker, sample_bytes, caplog) -> None:
+    settings = running_worker
+    land_raw(settings, sample_bytes)
+    worker.merge_pending(settings)
+    with caplog.at_level(logging.INFO, logger="trafficwatch.worker"):
+        result = worker.build_marts(settings)
+    assert "built by the worker" in caplog.text
+    assert result.rows["segment_latest"] == SAMPLE_RECORDS
+    assert result.serving_db == serving.ServingConfig.from_env(settings).serving_db
+    with duckdb.connect(str(result.serving_db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM segment_latest").fetchone() == (SAMPLE_RECORDS,)
+    log_text = (settings.home / "logs" / "worker.log").read_text()
+    assert "worker ready" in log_text and "built " in log_text  # the dbt build ran over there
+
+    # A requester for another bucket is not served by this worker: it builds in its own process.
+    caplog.clear()
+    other = replace(settings, bucket=settings.bucket + "-other")
+    with caplog.at_level(logging.WARNING, logger="trafficwatch.worker"), pytest.raises(serving.BuildError):
+        worker.build_marts(other)  # ... and that bucket has no lake: the local build fails, one line
+    assert f"the worker serves home {settings.home} and bucket {settings.bucket}" in caplog.text
+
+
+def test_a_socket_left_by_a_stopped_worker_means_working_here(s3_settings, sample_bytes, caplog) -> None:
+    path = worker.socket_path(s3_settings)
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))  # bound, never listening: what a killed worker leaves
+    land_raw(s3_settings, sample_bytes)
+    assert worker.count_pending(s3_settings) == 1
+    with caplog.at_level(logging.INFO, logger="trafficwatch.worker"):
+        assert worker.merge_pending(s3_settings).observations == SAMPLE_RECORDS
+        result = worker.build_marts(s3_settings)
+    assert "[worker]" not in caplog.text and "built by the worker" not in caplog.text
+    assert result.rows["segment_latest"] == SAMPLE_RECORDS
