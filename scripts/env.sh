@@ -58,6 +58,9 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/password
 export AIRFLOW__API__PORT="$TRAFFICWATCH_AIRFLOW_PORT"
 export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}"
 export AIRFLOW__API__WORKERS="${AIRFLOW__API__WORKERS:-1}"
+# Task processes report to the API server's execution API: without this they call localhost:8080 whatever
+# TRAFFICWATCH_AIRFLOW_PORT says, and every task fails with "connection refused" on another port.
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$TRAFFICWATCH_AIRFLOW_PORT/execution/}"
 mkdir -p "$AIRFLOW_HOME/plugins"
 printf '{"admin": "%s"}\n' "$TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD" > "$AIRFLOW_HOME/passwords.json"
 chmod 600 "$AIRFLOW_HOME/passwords.json"
