@@ -11,7 +11,7 @@ TW := $(VENV)/bin/trafficwatch
 # The demo feed publishes a new simulated snapshot every minute, in real time.
 DEMO_FEED_ARGS ?= --interval 60
 
-.PHONY: help install test lint demo up stop status clean-data bench
+.PHONY: help install test lint demo up down stop status clean-data bench
 BENCH_ARGS ?=
 
 # Superset's own environment and bootstrap live beside its configuration.
@@ -62,19 +62,19 @@ bench: install ## lake merge, then marts build-and-publish benchmarks (own local
 	$(ENV) $(VENV)/bin/python bench/lake_merge.py $(BENCH_ARGS)
 	$(ENV) $(VENV)/bin/python bench/marts_build.py
 
-stop: ## stop every local service
-	-$(ENV) $(TW) service stop superset
-	-$(ENV) $(TW) service stop airflow
-	-$(ENV) $(TW) service stop worker
-	-$(ENV) $(TW) service stop feed
+down: ## stop everything `make demo` / `make up` started (every service of $TRAFFICWATCH_HOME, by process group)
+	$(ENV) $(TW) down
+
+stop: down ## the same as `make down`
 	-$(ENV) $(TW) service stop s3
 
-status: ## what runs, and where
+status: ## what runs, and where; the pipeline's lag (newest landed snapshot vs the serving file, pending merges)
 	@$(ENV) for s in s3 feed worker airflow superset; do $(TW) service status $$s || true; done; \
 	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \
 	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"
+	@$(ENV) echo "Pipeline lag: (trafficwatch lag)"; $(TW) lag || true
 
 clean-data: stop ## delete the local data directory (.data/): lake, S3 objects, Airflow DB
 	rm -rf .data

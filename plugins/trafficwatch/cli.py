@@ -95,6 +95,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lag(args: argparse.Namespace) -> int:
+    import botocore.exceptions
+
+    from trafficwatch import operate
+
+    try:
+        print(json.dumps(operate.lag(load_settings()), indent=2))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        print(f"lag: S3 cannot be read: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from trafficwatch import operate
+
+    stopped = operate.stop_all(load_settings().home)
+    for name, was_running in stopped.items():
+        print(f"{name}: {'stopped' if was_running else 'was not running'}")
+    if not stopped:
+        print("no service was started from this home")
+    return 0
+
+
 def _cmd_maintain(args: argparse.Namespace) -> int:
     from trafficwatch import lake
 
@@ -237,6 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
         "serving DuckDB's path) with serving_built_at (when it was last published, null if never).",
     )
     status.set_defaults(func=_cmd_status)
+
+    lag = commands.add_parser(
+        "lag",
+        help="JSON for operators: how far the dashboards are behind what has landed, and what waits to be merged",
+        description="Print, as JSON: the newest snapshot landed in raw/ (key, upstream time, landing time), the "
+        "newest measurement the serving file shows (max measured_at of segment_latest) and when it was "
+        "published, lag_s (the difference in upstream time; 0 when up to date), unserved_snapshots and how "
+        "long the oldest of them has waited (oldest_unserved_waiting_s), and pending_merge (landed snapshots "
+        "the merge log does not hold) with the oldest of them.",
+    )
+    lag.set_defaults(func=_cmd_lag)
+
+    down = commands.add_parser(
+        "down",
+        help="stop every local service started from this home (what `make down` runs)",
+        description="Stop every service with a pid file in $TRAFFICWATCH_HOME/run, each by its process group "
+        "(SIGTERM, then SIGKILL after 30 s), Superset and Airflow first and S3 last, and wait until no process "
+        "of those groups is left.",
+    )
+    down.set_defaults(func=_cmd_down)
 
     maintain = commands.add_parser(
         "maintain",
