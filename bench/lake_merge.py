@@ -4,11 +4,18 @@ What is measured (figures only: nothing here asserts a time)
 -------------------------------------------------------------
 1. One-day backfill: the 1,440 snapshots of one day (one a minute, 2,859 records each) landed under
    `raw/`, merged by one `lake.merge_objects` call into the empty tables of a fresh bucket; 3 runs.
-2. One new snapshot into tables holding 1 day and 30 days of history: the time of
-   `lake.merge_objects(settings, [that one object])`, for 11 consecutive snapshots (00:00 to 00:10 of
-   the next day), each merged into the tables the previous one left, as the minute merges would.
+2. One new snapshot into tables holding 1 day and 30 days of history: 23 consecutive snapshots (00:00 to
+   00:22 of the next day), each merged into the tables the previous one left, as the minute merges would,
+   by two paths:
+   a. 11 runs in this process, `lake.merge_objects(settings, [that one object])`: the tables opened for
+      it, as in an Airflow task without the worker;
+   b. then a worker (`trafficwatch worker`) per history, started as `make demo` starts it, merges one
+      snapshot to warm up (its first merge reads the whole merge log; not counted), then 11 runs of
+      `worker.merge_pending(settings)` timed from the requesting process: what the merge DAG task calls,
+      i.e. pending discovery (incremental listing of raw/) and the merge, on the tables the worker keeps open.
 3. Discovering pending objects (`lake.pending_raw`: list `raw/`, read `merge_log`) at both sizes, with
-   one new snapshot landed and not merged yet; 7 runs.
+   one new snapshot landed and not merged yet; 7 runs. And the worker's incremental listing of the same
+   `raw/` (`lake.RawIndex.refresh` after its first, full listing); 7 runs.
 
 Every figure is a median, every run is printed, with wall seconds and the CPU seconds of the process
 (all threads). The 1-day and 30-day runs alternate (1, 30, 30, 1, ...) in one process, so both see the
@@ -72,7 +79,7 @@ import deltalake
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from trafficwatch import lake, landing, services, storage
+from trafficwatch import lake, landing, services, storage, worker
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
 from trafficwatch.feed import FeedConfig, start_in_thread
 from trafficwatch.source import Client
@@ -81,7 +88,7 @@ DAY = datetime(2024, 8, 26, tzinfo=UTC)  # the base snapshot's day (a Monday), f
 MINUTES = 1440
 RECORDS = 2859  # records per snapshot: the base snapshot's segments
 SINGLE_RUNS = 11
-NEW_SNAPSHOTS = SINGLE_RUNS
+NEW_SNAPSHOTS = 2 * SINGLE_RUNS + 1  # merged in this process, then one to warm the worker up, then through it
 BACKFILL_RUNS = 3
 PENDING_RUNS = 7
 HISTORY_DAYS = 30
@@ -565,7 +572,10 @@ class Series:
     """One history size: its single merges and its pending discoveries."""
 
     merges: list[Run] = field(default_factory=list)
+    served: list[Run] = field(default_factory=list)  # through the worker
+    worker_rss_kib: int = 0
     pending: list[float] = field(default_factory=list)
+    incremental_listing: list[float] = field(default_factory=list)
     pending_found: int = 0
     listed: int = 0
     merge_log_rows: int = 0
@@ -596,18 +606,72 @@ def _singles_child(keys: list[str]) -> dict[int, Series]:
             series[days].pending.append(took())
     for days, figures in series.items():
         settings = settings_for(HISTORY_BUCKETS[days])
+        index = lake.RawIndex()  # the worker's listing: once in full, then only what sorts after its last key
+        index.refresh(s3, listing_settings(days).bucket)
+        for _ in range(PENDING_RUNS):
+            with stopwatch() as took:
+                index.refresh(s3, listing_settings(days).bucket)
+            figures.incremental_listing.append(took())
         figures.listed = len(lake.list_raw(s3, listing_settings(days).bucket))
         figures.merge_log_rows = len(lake.merged_keys(settings, lake.ensure_tables(settings)))
     peak = PeakRss()
-    for run, key in enumerate(keys):
+    cold, warm_up, served = keys[:SINGLE_RUNS], keys[SINGLE_RUNS], keys[SINGLE_RUNS + 1 :]
+    for run, key in enumerate(cold):
         for days in alternating(run):
             bucket = HISTORY_BUCKETS[days]
             copy_objects(s3, RAW_BUCKET, bucket, [key])
-            merged = timed_merge(settings_for(bucket), [raw_object(s3, bucket, key)], peak)
-            if merged.detail["merged_objects"] != 1 or merged.rows != RECORDS:
-                raise RuntimeError(f"{bucket} {key}: expected {RECORDS} new observations, got {merged.detail}")
-            series[days].merges.append(merged)
+            series[days].merges.append(
+                check(bucket, timed_merge(settings_for(bucket), [raw_object(s3, bucket, key)], peak))
+            )
+    with running_workers() as workers:
+        for settings in workers.values():  # the worker's first merge reads the whole merge log
+            copy_objects(s3, RAW_BUCKET, settings.bucket, [warm_up])
+            check(settings.bucket, timed_worker_merge(settings))
+        for run, key in enumerate(served):
+            for days in alternating(run):
+                settings = workers[days]
+                copy_objects(s3, RAW_BUCKET, settings.bucket, [key])
+                series[days].served.append(check(settings.bucket, timed_worker_merge(settings)))
+        for days, settings in workers.items():
+            series[days].worker_rss_kib = rss_kib(services.running_pid(settings.home, "worker"))
     return series
+
+
+def check(bucket: str, merged: Run) -> Run:
+    if merged.detail["merged_objects"] != 1 or merged.rows != RECORDS:
+        raise RuntimeError(f"{bucket}: expected one snapshot, {RECORDS} new observations, got {merged.detail}")
+    return merged
+
+
+@contextlib.contextmanager
+def running_workers() -> Iterator[dict[int, Settings]]:
+    """`trafficwatch worker` for each history bucket (each with its own home), as `make demo` runs one."""
+    homes = {days: bench_home() / f"worker-{days}d" for days in HISTORY_BUCKETS}
+    workers = {days: settings_for(HISTORY_BUCKETS[days], home=home) for days, home in homes.items()}
+    try:
+        for settings in workers.values():
+            service = services.worker(worker.socket_path(settings))
+            env = {"TRAFFICWATCH_HOME": str(settings.home), "TRAFFICWATCH_BUCKET": settings.bucket}
+            services.start(replace(service, env=env), settings.home)
+        yield workers
+    finally:
+        for settings in workers.values():
+            services.stop(settings.home, "worker")
+
+
+def timed_worker_merge(settings: Settings) -> Run:
+    """`worker.merge_pending(settings)` as the DAG task calls it when the worker runs, timed from here."""
+    cpu = time.process_time()
+    with stopwatch() as took:
+        result = worker.merge_pending(settings)
+    return Run(took(), time.process_time() - cpu, 0, result.observations, result.as_dict())
+
+
+def rss_kib(pid: int | None) -> int:
+    """Resident memory of a process group leader, in KiB (0 if unknown)."""
+    with contextlib.suppress(OSError, TypeError, AttributeError):
+        return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))  # type: ignore[union-attr]
+    return 0
 
 
 def restore_all(s3: Any, histories: dict[int, dict[str, Any]]) -> None:
@@ -618,7 +682,7 @@ def restore_all(s3: Any, histories: dict[int, dict[str, Any]]) -> None:
 
 def measure_singles(s3: Any, histories: dict[int, dict[str, Any]]) -> dict[int, Series]:
     try:
-        return in_child(_singles_child, new_keys()[:SINGLE_RUNS])
+        return in_child(_singles_child, new_keys())
     finally:
         restore_all(s3, histories)
 
@@ -769,28 +833,38 @@ def report(backfills: list[Run], series: dict[int, Series], histories: dict[int,
         f"{rows / bf:,.0f} rows/s, peak RSS {gb(max(r.peak_kib for r in backfills))}   "
         f"[target < {TARGET_BACKFILL_S:.0f} s: {verdict(bf < TARGET_BACKFILL_S)}]"
     )
-    singles = {days: median([r.seconds for r in s.merges]) for days, s in series.items()}
-    for days, s in series.items():
-        held = histories[days]["tables"][lake.OBSERVATIONS]["rows"]
-        cpu = median([r.cpu for r in s.merges])
+    for path, runs_of in (
+        ("in a fresh process (tables opened for the merge)", lambda s: s.merges),
+        ("through the worker, as the DAG task runs it (make demo / make up)", lambda s: s.served),
+    ):
+        print(f"one new snapshot ({RECORDS:,} rows) merged {path}:")
+        singles = {days: median([r.seconds for r in runs_of(s)]) for days, s in series.items()}
+        for days, s in series.items():
+            held = histories[days]["tables"][lake.OBSERVATIONS]["rows"]
+            runs = runs_of(s)
+            peak = max(r.peak_kib for r in runs)
+            memory = f"peak RSS {gb(peak)}" if peak else f"worker RSS {gb(s.worker_rss_kib)}"
+            print(
+                f"  into {days}-day history ({held:,} rows): median {singles[days]:.3f} s "
+                f"(runs: {runs_text([r.seconds for r in runs], 3)}; "
+                f"median CPU in this process {median([r.cpu for r in runs]):.3f} s), "
+                f"{RECORDS / singles[days]:,.0f} rows/s, {memory}   "
+                f"[target < {TARGET_SINGLE_S} s: {verdict(singles[days] < TARGET_SINGLE_S)}]"
+            )
+        ratio = singles[HISTORY_DAYS] / singles[1]
+        pairs = zip(runs_of(series[1]), runs_of(series[HISTORY_DAYS]), strict=True)
+        per_run = [b.seconds / a.seconds for a, b in pairs]
         print(
-            f"one snapshot into {days}-day history ({held:,} rows): {RECORDS:,} rows, median {singles[days]:.3f} s "
-            f"(runs: {runs_text([r.seconds for r in s.merges], 3)}; median CPU {cpu:.3f} s), "
-            f"{RECORDS / singles[days]:,.0f} rows/s, peak RSS {gb(max(r.peak_kib for r in s.merges))}   "
-            f"[target < {TARGET_SINGLE_S} s: {verdict(singles[days] < TARGET_SINGLE_S)}]"
+            f"  {HISTORY_DAYS}-day / 1-day: {ratio:.2f}x (median of per-run ratios {median(per_run):.2f}x)   "
+            f"[target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)}]"
         )
-    ratio = singles[HISTORY_DAYS] / singles[1]
-    per_run = [b.seconds / a.seconds for a, b in zip(series[1].merges, series[HISTORY_DAYS].merges, strict=True)]
-    print(
-        f"{HISTORY_DAYS}-day / 1-day single merge: {ratio:.2f}x (median of per-run ratios {median(per_run):.2f}x)   "
-        f"[target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)}]"
-    )
     for days, s in series.items():
         where = "its raw/ zone" if days == 1 else f"empty placeholders in s3://{LISTING_BUCKET}"
         print(
             f"pending discovery at {days} day(s): {s.listed:,} raw objects listed ({where}), "
             f"{s.merge_log_rows:,} merge_log rows, {s.pending_found} pending: median {median(s.pending):.3f} s "
-            f"(runs: {runs_text(s.pending, 3)})"
+            f"(runs: {runs_text(s.pending, 3)}); the worker's incremental listing of the same raw/: median "
+            f"{median(s.incremental_listing):.3f} s"
         )
 
 

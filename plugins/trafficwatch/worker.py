@@ -2,11 +2,12 @@
 merges and marts builds the DAG tasks (and the CLI) hand it.
 
 Every Airflow task is a new process. Importing dbt costs it 5-6 s of CPU, more than half of a one-minute
-build-and-publish cycle, and opening the three Delta tables of a merge costs ~15 ms of CPU each (the S3
-client parses the system's CA certificates every time), half of a one-snapshot merge. `trafficwatch worker`
-pays both once, then serves requests on a Unix socket, `$TRAFFICWATCH_HOME/run/worker.sock`, for the lake
-of its own home and bucket. Merges run one at a time, builds one at a time (the warehouse has a single
-writer); a build does not hold up the next merge.
+build-and-publish cycle; opening the three Delta tables of a merge costs ~15 ms of CPU each (the S3 client
+parses the system's CA certificates every time), half of a one-snapshot merge; and finding the pending
+snapshots lists all of raw/ (10-14 s after 30 days here). `trafficwatch worker` pays these once (then lists
+raw/ incrementally, see `lake.RawIndex`) and serves requests on a Unix socket,
+`$TRAFFICWATCH_HOME/run/worker.sock`, for the lake of its own home and bucket. Merges run one at a time,
+builds one at a time (the warehouse has a single writer); a build does not hold up the next merge.
 
 `merge_pending`, `count_pending` and `build_marts` hand their work to the worker when one listens for the
 same home and bucket, and otherwise do it in their own process. Either way the same functions do the work
@@ -25,6 +26,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from trafficwatch.config import ConfigError, Settings
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "worker.sock"
+RELIST_RAW_S = 900.0
 
 
 class WorkerError(RuntimeError):
@@ -95,16 +98,26 @@ class Worker:
         self.settings = settings
         self.s3 = storage.s3_client(settings)
         self.tables = lake.OpenTables(settings)
+        self.raw = lake.RawIndex()
         self.lake_lock = threading.Lock()  # merges and pending counts share the open tables
         self.build_lock = threading.Lock()  # the warehouse DuckDB has a single writer
 
+    def relist_raw(self) -> None:
+        """A full listing of raw/ now and every RELIST_RAW_S, beside the merges (see `lake.RawIndex`)."""
+        while True:
+            try:
+                self.raw.relist(self.s3, self.settings.bucket)
+            except Exception as error:  # S3 away for a while: the next round tries again
+                log.warning("full listing of raw/ failed: %s", error)
+            time.sleep(RELIST_RAW_S)
+
     def merge(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.lake_lock:
-            return lake.merge_pending(self.settings, self.s3, self.tables.get()).as_dict()
+            return lake.merge_pending(self.settings, self.s3, self.tables.get(), self.raw).as_dict()
 
     def pending(self, request: dict[str, Any]) -> int:
         with self.lake_lock:
-            return len(lake.pending_raw(self.settings, self.s3, self.tables.get()))
+            return len(lake.pending_raw(self.settings, self.s3, self.tables.get(), self.raw))
 
     def build(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.build_lock:
@@ -139,6 +152,7 @@ def serve(settings: Settings, path: Path | None = None) -> None:
 
     worker = Worker(settings)
     worker.tables.get()  # open (or create) the tables now, not on the first merge
+    threading.Thread(target=worker.relist_raw, name="relist-raw", daemon=True).start()
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
