@@ -58,9 +58,8 @@ _airflow:
 	  { tail -20 "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log"; exit 1; }
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
 
-bench: install ## lake merge, then marts build-and-publish benchmarks (own local S3, data cached in .data/bench; BENCH_ARGS=--profile for the lake)
-	$(ENV) $(VENV)/bin/python bench/lake_merge.py $(BENCH_ARGS)
-	$(ENV) $(VENV)/bin/python bench/marts_build.py
+bench: install superset-install ## every benchmark (lake merge, marts build, stack freshness), one report in .data/bench/report.json
+	$(ENV) $(VENV)/bin/python bench/report.py $(BENCH_ARGS)
 
 down: ## stop everything `make demo` / `make up` started (every service of $TRAFFICWATCH_HOME, by process group)
 	$(ENV) $(TW) down

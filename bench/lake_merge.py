@@ -816,7 +816,8 @@ def load_text() -> str:
     return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
-def report(backfills: list[Run], series: dict[int, Series], histories: dict[int, dict[str, Any]]) -> None:
+def report(backfills: list[Run], series: dict[int, Series], histories: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Print the figures; return them for the JSON report."""
     bf = median([r.seconds for r in backfills])
     rows = backfills[0].rows
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
@@ -833,9 +834,23 @@ def report(backfills: list[Run], series: dict[int, Series], histories: dict[int,
         f"{rows / bf:,.0f} rows/s, peak RSS {gb(max(r.peak_kib for r in backfills))}   "
         f"[target < {TARGET_BACKFILL_S:.0f} s: {verdict(bf < TARGET_BACKFILL_S)}]"
     )
-    for path, runs_of in (
-        ("in a fresh process (tables opened for the merge)", lambda s: s.merges),
-        ("through the worker, as the DAG task runs it (make demo / make up)", lambda s: s.served),
+    figures: dict[str, Any] = {
+        "backfill_1d": {
+            "rows": rows,
+            "median_s": bf,
+            "runs_s": [r.seconds for r in backfills],
+            "rows_per_s": rows / bf,
+            "peak_rss_gb": max(r.peak_kib for r in backfills) / 1024**2,
+            "target_s": TARGET_BACKFILL_S,
+        }
+    }
+    for path, name, runs_of in (
+        ("in a fresh process (tables opened for the merge)", "single_merge_fresh", lambda s: s.merges),
+        (
+            "through the worker, as the DAG task runs it (make demo / make up)",
+            "single_merge_worker",
+            lambda s: s.served,
+        ),
     ):
         print(f"one new snapshot ({RECORDS:,} rows) merged {path}:")
         singles = {days: median([r.seconds for r in runs_of(s)]) for days, s in series.items()}
@@ -858,6 +873,13 @@ def report(backfills: list[Run], series: dict[int, Series], histories: dict[int,
             f"  {HISTORY_DAYS}-day / 1-day: {ratio:.2f}x (median of per-run ratios {median(per_run):.2f}x)   "
             f"[target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)}]"
         )
+        figures[name] = {
+            **{f"{days}d_median_s": singles[days] for days in series},
+            **{f"{days}d_runs_s": [r.seconds for r in runs_of(s)] for days, s in series.items()},
+            "ratio": ratio,
+            "target_s": TARGET_SINGLE_S,
+            "target_ratio": TARGET_RATIO,
+        }
     for days, s in series.items():
         where = "its raw/ zone" if days == 1 else f"empty placeholders in s3://{LISTING_BUCKET}"
         print(
@@ -866,6 +888,12 @@ def report(backfills: list[Run], series: dict[int, Series], histories: dict[int,
             f"(runs: {runs_text(s.pending, 3)}); the worker's incremental listing of the same raw/: median "
             f"{median(s.incremental_listing):.3f} s"
         )
+        figures[f"pending_{days}d"] = {
+            "raw_objects": s.listed,
+            "full_listing_median_s": median(s.pending),
+            "incremental_listing_median_s": median(s.incremental_listing),
+        }
+    return figures
 
 
 # --------------------------------------------------------------------------- main
@@ -900,6 +928,7 @@ def ensure_history_1d(s3: Any, manifest: Manifest) -> tuple[dict[str, Any] | Non
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--profile", action="store_true", help="add the time per lake.py phase")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -917,7 +946,9 @@ def main() -> int:
         ensure_listing(s3, histories[HISTORY_DAYS])
         print(f"single merges and pending discovery, alternating 1-day and {HISTORY_DAYS}-day ...", flush=True)
         series = measure_singles(s3, histories)
-        report(backfills, series, histories)
+        figures = report(backfills, series, histories)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
         if args.profile:
             profile(s3, histories)
     print(f"\ntotal wall time: {time.perf_counter() - started:.0f} s; load average now: {load_text()}")
