@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -374,6 +375,19 @@ OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minu
 PROCESSES_FROM = 240
 
 
+def gunzip(data: bytes) -> bytes:
+    """`gzip.decompress`, about twice as fast for the single-member files the ingest writes (zlib does it
+    in one call); other files (several members, truncated, not gzip) go the standard way, or fail there."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        body = inflater.decompress(data)
+    except zlib.error:
+        body = b""
+    if inflater.eof and not inflater.unused_data:
+        return body
+    return gzip.decompress(data)
+
+
 def _download(s3: Any, bucket: str, obj: RawObject) -> bytes:
     return s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
 
@@ -394,7 +408,7 @@ def prepare(s3: Any, bucket: str, objects: list[RawObject]) -> Prepared:
     observations, versions, rejected, counts = [], [], [], []
     for obj, compressed in zip(objects, bodies, strict=True):
         try:
-            body = gzip.decompress(compressed)
+            body = gunzip(compressed)
         except (OSError, EOFError) as exc:
             counts.append(ObjectCounts(obj, measured_at_of(obj.key), error=f"not a gzip file: {exc}", body=compressed))
             continue

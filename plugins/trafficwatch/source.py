@@ -47,12 +47,12 @@ V1_PATH = "/api/records/1.0/search/"
 Scalar = int | float | str | None  # values stay as sent; the lake enforces types row by row
 
 
-class _Geometry(msgspec.Struct):
+class _Geometry(msgspec.Struct, gc=False):
     type: str
     coordinates: msgspec.Raw  # kept as JSON text: decoding every float would triple the parse time
 
 
-class _Shape(msgspec.Struct):
+class _Shape(msgspec.Struct, gc=False):
     """`geo_shape`: a GeoJSON Feature (v2.1) or a bare geometry (v1)."""
 
     type: str | None = None
@@ -60,7 +60,7 @@ class _Shape(msgspec.Struct):
     coordinates: msgspec.Raw = msgspec.Raw(b"null")
 
 
-class _Record(msgspec.Struct):
+class _Record(msgspec.Struct, gc=False):
     datetime: str
     predefinedlocationreference: str
     averagevehiclespeed: Scalar = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import polars as pl
 import pytest
 
+from trafficwatch import lake
 from trafficwatch.lake import dedupe, validate
 from trafficwatch.source import normalize_payload
 
@@ -87,3 +89,14 @@ def test_duplicate_keys_keep_one_row_deterministically(records) -> None:
     assert kept["speed_kmh"].to_list() == [11]  # the twin with more probes wins
     again, _ = dedupe(accepted.reverse())
     assert again.sort("segment_key").equals(unique.sort("segment_key"))  # order of arrival does not matter
+
+
+def test_gunzip_reads_what_gzip_reads_and_fails_where_it_fails() -> None:
+    body = b'[{"datetime": "2024-08-26T12:43:00+02:00"}]' * 100
+    single, other = gzip.compress(body, mtime=0), gzip.compress(b"more", mtime=0)
+    assert lake.gunzip(single) == body
+    assert lake.gunzip(single + other) == body + b"more"  # several members: all of them, as gzip does
+    with pytest.raises(EOFError):
+        lake.gunzip(single[:-20])  # truncated
+    with pytest.raises(gzip.BadGzipFile):
+        lake.gunzip(b"junk")
