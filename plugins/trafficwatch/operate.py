@@ -25,7 +25,8 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ import duckdb
 
 from trafficwatch import services
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
-from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of
+from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of, raw_key
 
 # Stopped first to last: the readers and the scheduler before the worker and the feed, S3 last of all.
 # A service this list does not know (a pid file of another version) is stopped after Airflow.
@@ -198,7 +199,7 @@ def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> set[str
     return set(lake.scan_table(table, storage_options).select("source_key").collect()["source_key"].to_list())
 
 
-def _landed(s3: Any, bucket: str) -> dict[str, datetime]:
+def landed_snapshots(s3: Any, bucket: str) -> dict[str, datetime]:
     """Raw key -> LastModified, for every landed snapshot."""
     landed = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=RAW_PREFIX):
@@ -227,7 +228,7 @@ def lag(
     s3 = s3 or storage.s3_client(settings)
     options = storage_options if storage_options is not None else lake.storage_options(settings)
     now = now or datetime.now(UTC)
-    landed = _landed(s3, settings.bucket)
+    landed = landed_snapshots(s3, settings.bucket)
     pending = sorted(set(landed) - _merged_keys(settings, options))
     serving_db = serving.serving_db_path(settings)
     served, built_at = _served_latest(serving_db)
@@ -342,7 +343,7 @@ class FreshnessWatcher:
 
     def poll(self) -> None:
         """One look at raw/ and at the serving file."""
-        for key, last_modified in _landed(self.s3, self.bucket).items():
+        for key, last_modified in landed_snapshots(self.s3, self.bucket).items():
             if key not in self.snapshots:
                 landed_at = self._landed_at(key, last_modified)
                 measured = self._started_at is not None and landed_at >= self._started_at
@@ -361,12 +362,25 @@ class FreshnessWatcher:
         with self._lock:
             return sorted((s for s in self.snapshots.values() if s.freshness_s is not None), key=lambda s: s.key)
 
-    def wait_until(self, condition: Callable[[FreshnessWatcher], bool], timeout_s: float, what: str) -> None:
-        """Block until `condition(self)` holds; TimeoutError naming `what` after `timeout_s`."""
+    def collect(self, count: int, timeout_s: float, feed_url: str | None = None) -> list[SnapshotFreshness]:
+        """Wait until `count` snapshots have landed during this watch and every landed snapshot is visible;
+        the measured ones, oldest first. With `feed_url`, the local feed is paced (`pace_feed`) until then.
+
+        TimeoutError after `timeout_s`, saying how far it got.
+        """
         deadline = time.monotonic() + timeout_s
-        while not condition(self):
+        while True:
+            with self._lock:
+                landed = set(self.snapshots)
+                new = sum(1 for s in self.snapshots.values() if s.measured)
+                all_visible = all(s.visible_at for s in self.snapshots.values())
+            if new >= count and all_visible:
+                return self.measured()
+            if new < count and feed_url:
+                with contextlib.suppress(OSError):  # the feed restarting: next poll
+                    pace_feed(feed_url, landed)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not reached within {timeout_s:.0f} s ({self.describe()})")
+                raise TimeoutError(f"{count} fresh snapshots not served within {timeout_s:.0f} s: {self.describe()}")
             time.sleep(self.poll_s)
 
     def describe(self) -> str:
@@ -498,6 +512,27 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
     lines = ["median s: " + ", ".join(f"{n[:-2]} {statistics.median(r[n] for r in rows):.1f}" for n in names)]
     lines += [f"{r['key'].rsplit('/', 1)[-1][:16]}: " + " ".join(f"{r[n]:5.1f}" for n in names) for r in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the local feed
+
+
+def _feed_call(url: str, method: str = "GET") -> dict[str, Any]:
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def pace_feed(feed_url: str, landed: Collection[str]) -> str | None:
+    """Move the local feed to its next snapshot once the one it serves has landed (its raw key is in
+    `landed`): upstream then publishes exactly as fast as the ingest fetches, and no snapshot is missed
+    whatever the phase between the feed and the ingest's schedule. The feed's own clock should be stopped
+    (`--speed 0.000001`). Returns the upstream time now served, or None if it did not move.
+    """
+    state = _feed_call(f"{feed_url}/_feed/state")
+    if not state["datetime"] or raw_key(datetime.fromisoformat(state["datetime"])) not in landed:
+        return None
+    return _feed_call(f"{feed_url}/_feed/advance", "POST").get("datetime")
 
 
 # --------------------------------------------------------------------------- the stack of `make demo`
@@ -667,6 +702,14 @@ class LocalStack:
         return {
             key: moment.astimezone(UTC) for key, moment in frame.group_by("source_key").agg(pl.min("merged_at")).rows()
         }
+
+    @property
+    def feed_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['TRAFFICWATCH_FEED_PORT']}"
+
+    @property
+    def superset_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['TRAFFICWATCH_SUPERSET_PORT']}"
 
     @property
     def airflow_db(self) -> Path:
