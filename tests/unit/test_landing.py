@@ -6,25 +6,9 @@ import gzip
 import hashlib
 from datetime import UTC, datetime
 
-import boto3
-import pytest
-from moto import mock_aws
-
+from tests.unit.conftest import BUCKET
 from trafficwatch import landing
 from trafficwatch.source import FetchedSnapshot, normalize_payload
-
-BUCKET = "trafficwatch"
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # moto intercepts AWS's own endpoints only
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 def _fetched(body: bytes, mode: str = "exports") -> FetchedSnapshot:

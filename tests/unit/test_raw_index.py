@@ -4,26 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import boto3
-import pytest
-from moto import mock_aws
-
+from tests.unit.conftest import BUCKET
 from trafficwatch.lake import RawIndex, list_raw
 from trafficwatch.landing import raw_key
 
-BUCKET = "trafficwatch"
 T0 = datetime(2024, 8, 26, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # moto intercepts AWS's own endpoints only
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 class CountingS3:
