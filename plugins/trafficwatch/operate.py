@@ -506,6 +506,8 @@ def breakdown(
 
 
 def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    if rows and "error" in rows[0]:
+        return f"no breakdown: {rows[0]['error']}"
     if not rows:
         return "no breakdown (no snapshot matched a merge and a marts run)"
     names = [name for name in rows[0] if name.endswith("_s")]
@@ -702,6 +704,13 @@ class LocalStack:
         return {
             key: moment.astimezone(UTC) for key, moment in frame.group_by("source_key").agg(pl.min("merged_at")).rows()
         }
+
+    def breakdown(self, snapshots: list[SnapshotFreshness]) -> list[dict[str, Any]]:
+        """`breakdown` for this stack's snapshots; a report, so a failure is a row saying why, not an error."""
+        try:
+            return breakdown(snapshots, self.merged_at(), task_runs(self.airflow_db))
+        except Exception as error:
+            return [{"error": f"{type(error).__name__}: {error}"}]
 
     @property
     def feed_url(self) -> str:

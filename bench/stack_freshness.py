@@ -1,0 +1,94 @@
+"""Freshness of the whole stack: from a snapshot landing in S3 to its being visible in `segment_latest`.
+
+Brings the stack up with `make demo` in a temporary home on free loopback ports (whatever the calling
+shell's settings), lets Airflow's scheduler land, merge and build N snapshots (the feed paced so that
+it publishes as fast as the ingest fetches, one a minute), polls the serving file read-only every 0.5 s
+as the dashboards read it, and samples the memory of the running stack (sum of RSS, and of PSS, of every
+process in the services' process groups) every 5 s. Prints one line per snapshot, the median and p95,
+where the time went (merge sensor, merge, marts build), the memory; writes everything to --json; then
+`make down`. The same code as the end-to-end test (trafficwatch.operate). Figures only: nothing is asserted.
+
+    source scripts/env.sh && .venv/bin/python bench/stack_freshness.py --json /tmp/stack.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trafficwatch import operate
+
+# The feed's clock stopped: the pacer moves it on once its snapshot has landed.
+FEED_ARGS = "--interval 60 --speed 0.000001"
+MIB = 2**20
+
+
+def measure(stack: operate.LocalStack, snapshots: int) -> dict[str, Any]:
+    up_s = stack.up()
+    print(f"make demo: {up_s:.0f} s; timing {snapshots} snapshots (about a minute each)", flush=True)
+    watcher = stack.watcher().start()
+    try:
+        watcher.collect(snapshots, timeout_s=180 + 90 * snapshots, feed_url=stack.feed_url)
+    finally:
+        watcher.stop()
+    measured = watcher.measured()
+    summary = operate.freshness_summary(measured)
+    rows = stack.breakdown(measured)
+    rss = [sample.rss_bytes for sample in watcher.samples]
+    pss = [sample.pss_bytes for sample in watcher.samples]
+    peak = max(watcher.samples, key=lambda sample: sample.rss_bytes)
+    print(operate.format_freshness(summary))
+    print("where the time went (s): landed -> " + operate.format_breakdown(rows))
+    print(
+        f"memory of the running stack ({len(rss)} samples): RSS median {statistics.median(rss) / MIB:,.0f} MiB, "
+        f"peak {max(rss) / MIB:,.0f} MiB; PSS median {statistics.median(pss) / MIB:,.0f} MiB, "
+        f"peak {max(pss) / MIB:,.0f} MiB; {peak.processes} processes; per service at the peak (RSS MiB): "
+        + ", ".join(f"{name} {value / MIB:,.0f}" for name, value in peak.per_service_rss.items())
+    )
+    return {
+        "freshness_median_s": summary["median_s"],
+        "freshness_p95_s": summary["p95_s"],
+        "freshness_max_s": summary["max_s"],
+        "snapshots": summary["snapshots"],
+        "per_snapshot": summary["per_snapshot"],
+        "breakdown": rows,
+        "stack_rss_mb": round(max(rss) / MIB),
+        "stack_rss_median_mb": round(statistics.median(rss) / MIB),
+        "stack_pss_mb": round(max(pss) / MIB),
+        "stack_pss_median_mb": round(statistics.median(pss) / MIB),
+        "memory_peak": peak.as_dict(),
+        "make_demo_s": round(up_s, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--snapshots", type=int, default=8, help="snapshots to time (default 8, ~1 min each)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--home", type=Path, help="the stack's home (default: a temporary directory, removed)")
+    args = parser.parse_args()
+    home = args.home or Path(tempfile.mkdtemp(prefix="tw-stack-bench-"))
+    stack = operate.LocalStack.on_free_ports(home, FEED_ARGS)
+    figures: dict[str, Any] = {"home": str(stack.home)}
+    try:
+        figures.update(measure(stack, args.snapshots))
+    finally:
+        try:
+            figures["make_down_s"] = round(stack.down(), 1)
+        finally:
+            operate.stop_all(stack.home)  # in case make down itself failed
+            if args.json:
+                operate.write_json(args.json, figures)
+                print(f"figures: {args.json}")
+            if not args.home:
+                shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
