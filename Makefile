@@ -45,8 +45,8 @@ demo: install ## run the whole stack offline against the local feed (simulated R
 	$(MAKE) --no-print-directory superset-up
 	@$(MAKE) --no-print-directory status
 
-up: install ## run the whole stack against the live Rennes API
-	$(ENV) $(TW) service start s3
+up: install ## run the whole stack against the live Rennes API (TRAFFICWATCH_S3=aws: on AWS S3, no local S3)
+	$(ENV) if [ "$${TRAFFICWATCH_S3:-local}" = local ]; then $(TW) service start s3; fi
 	$(ENV) $(TW) service start worker
 	$(ENV) $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
