@@ -1,0 +1,58 @@
+"""`trafficwatch lag` on the real local S3 server: newest landed snapshot against the serving file, pending merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.conftest import land_raw, redated
+from trafficwatch import lake, operate
+from trafficwatch.config import Settings
+from trafficwatch.landing import measured_at_of
+
+pytestmark = pytest.mark.integration
+
+
+def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
+    s3_settings: Settings, sample_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serving_db = tmp_path / "serving.duckdb"
+    monkeypatch.setenv("TRAFFICWATCH_SERVING_DB", str(serving_db))
+    first = land_raw(s3_settings, redated(sample_bytes, 0))
+
+    nothing_merged = operate.lag(s3_settings)  # no merge log table yet, no serving file
+    assert (nothing_merged["pending_merge"], nothing_merged["oldest_pending"]["key"]) == (1, first)
+    assert (nothing_merged["lag_s"], nothing_merged["serving_measured_at"]) == (None, None)
+    assert nothing_merged["unserved_snapshots"] == 1
+
+    second = land_raw(s3_settings, redated(sample_bytes, 3))
+    lake.merge_pending(s3_settings)
+    third = land_raw(s3_settings, redated(sample_bytes, 6))
+    with duckdb.connect(str(serving_db)) as con:  # the dashboards show the second snapshot
+        con.execute("CREATE TABLE segment_latest AS SELECT ?::TIMESTAMPTZ AS measured_at", [measured_at_of(second)])
+
+    lag = operate.lag(s3_settings)
+    assert lag["newest_landed"]["key"] == third
+    assert lag["serving_measured_at"] == measured_at_of(second).isoformat()
+    assert lag["lag_s"] == 180.0
+    assert (lag["landed_snapshots"], lag["unserved_snapshots"], lag["pending_merge"]) == (3, 1, 1)
+    assert lag["oldest_pending"]["key"] == third
+    assert lag["oldest_unserved_waiting_s"] >= 0
+
+    lake.merge_pending(s3_settings)
+    with duckdb.connect(str(serving_db)) as con:
+        con.execute("UPDATE segment_latest SET measured_at = ?", [measured_at_of(third)])
+    caught_up = operate.lag(s3_settings)
+    assert (caught_up["lag_s"], caught_up["unserved_snapshots"], caught_up["pending_merge"]) == (0.0, 0, 0)
+
+    # What `make status` prints: the same, from the command line.
+    trafficwatch = Path(sys.executable).parent / "trafficwatch"
+    done = subprocess.run([str(trafficwatch), "lag"], capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["newest_landed"]["key"] == third

@@ -1,0 +1,55 @@
+"""`make down` underneath: every service of a home stopped by its process group, whatever it spawned."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from trafficwatch import operate, services
+
+# A service whose child ignores SIGTERM, as Airflow standalone's children outlive a plain SIGTERM.
+STUBBORN = (
+    "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "time.sleep(600)']); time.sleep(600)"
+)
+PLAIN = "import time; time.sleep(600)"
+
+
+def _start(home: Path, name: str, script: str) -> int:
+    return services.start(services.Service(name, [sys.executable, "-c", script], lambda: True, ""), home)
+
+
+def test_stop_all_stops_every_service_of_the_home_and_leaves_no_process(tmp_path: Path) -> None:
+    groups = {name: _start(tmp_path, name, script) for name, script in (("s3", PLAIN), ("airflow", STUBBORN))}
+    (tmp_path / "run" / "crashed.pid").write_text("4194303")  # a service that died without its pid file
+    assert all(operate.group_members(pgid) for pgid in groups.values())
+
+    stopped = operate.stop_all(tmp_path, timeout_s=2)
+
+    assert stopped == {"airflow": True, "crashed": False, "s3": True}
+    assert list(stopped) == ["airflow", "crashed", "s3"], "Airflow before the others, S3 last"
+    assert not list((tmp_path / "run").glob("*.pid"))
+    assert not [pid for pgid in groups.values() for pid in operate.group_members(pgid)]
+
+
+def test_stack_memory_counts_every_process_of_the_groups(tmp_path: Path) -> None:
+    pgid = _start(tmp_path, "airflow", STUBBORN)
+    try:
+        deadline = time.monotonic() + 10
+        while len(operate.group_members(pgid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        memory = operate.stack_memory(tmp_path)
+        assert memory.processes == 2
+        assert memory.rss_bytes == memory.per_service_rss["airflow"] > 2 * 2**20
+        assert 0 < memory.pss_bytes <= memory.rss_bytes
+    finally:
+        operate.stop_all(tmp_path, timeout_s=2)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 21)]
+    assert operate.percentile(values, 50) == 10.5
+    assert operate.percentile(values, 95) == 19.05
+    assert operate.percentile([3.0], 95) == 3.0
