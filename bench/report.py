@@ -71,7 +71,8 @@ def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str
         ("marts: build + publish, fresh process", _get(marts, "cycle_fresh_process", "median_s"), "s", ""),
         ("stack: freshness, landing to segment_latest, median", _get(stack, "freshness_median_s"), "s", ""),
         ("stack: freshness, landing to segment_latest, p95", _get(stack, "freshness_p95_s"), "s", "<= 30 s"),
-        ("stack: memory of the running stack", _get(stack, "stack_rss_mb"), "MB", ""),
+        ("stack: memory of the running stack, peak RSS", _get(stack, "stack_rss_mb"), "MiB", ""),
+        ("stack: memory of the running stack, peak PSS", _get(stack, "stack_pss_mb"), "MiB", ""),
     ]  # fmt: skip
 
 
