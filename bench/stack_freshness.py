@@ -66,15 +66,31 @@ def measure(stack: operate.LocalStack, snapshots: int) -> dict[str, Any]:
     }
 
 
+def setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--snapshots", type=int, default=8, help="snapshots to time (default 8, ~1 min each)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--home", type=Path, help="the stack's home (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=setting,
+        metavar="NAME=VALUE",
+        help="a setting for the stack, e.g. TRAFFICWATCH_MERGE_POLL_INTERVAL=2 (the calling shell's are not used)",
+    )
     args = parser.parse_args()
+    settings = dict(args.env)
     home = args.home or Path(tempfile.mkdtemp(prefix="tw-stack-bench-"))
-    stack = operate.LocalStack.on_free_ports(home, FEED_ARGS)
-    figures: dict[str, Any] = {"home": str(stack.home)}
+    stack = operate.LocalStack.on_free_ports(home, FEED_ARGS, extra_env=settings)
+    figures: dict[str, Any] = {"home": str(stack.home), "settings": settings}
     try:
         figures.update(measure(stack, args.snapshots))
     finally:

@@ -459,8 +459,9 @@ def breakdown(
     detect: landed -> the merge sensor succeeded (its S3 poll, the deferral's return); merge_start: ->
     the merge task began (scheduling, task process start-up); merge: -> its row in the merge log;
     marts_start: merge written -> the marts task began (the asset event, a new run, start-up, or waiting
-    for the build before); build: -> the marts task ended (dbt build, publish); seen: -> the watcher saw
-    it in the serving file (its poll interval).
+    for the build before); build: -> the marts task ended (dbt build, publish, then the task's own
+    wrap-up); seen: -> the watcher saw it in the serving file (its poll interval; slightly negative when
+    the publish came before the task's end was recorded).
     """
 
     def first(dag_task: tuple[str, str], after: datetime, key: str = "started_at") -> dict[str, Any] | None:
