@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON for operators: how far the dashboards are behind what has landed, and what waits to be merged",
         description="Print, as JSON: the newest snapshot landed in raw/ (key, upstream time, landing time), the "
         "newest measurement the serving file shows (max measured_at of segment_latest) and when it was "
-        "published, lag_s (the difference in upstream time; 0 when up to date), unserved_snapshots and how "
+        "published and serving_age_s (its age now), lag_s (the difference in upstream time; 0 when up to "
+        "date), unserved_snapshots and how "
         "long the oldest of them has waited (oldest_unserved_waiting_s), and pending_merge (landed snapshots "
         "the merge log does not hold) with the oldest of them.",
     )

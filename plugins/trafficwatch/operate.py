@@ -222,6 +222,7 @@ def lag(
     file's `segment_latest` (0 when the dashboards show everything landed; null before the first publish).
     `unserved_snapshots`: landed snapshots newer than what is served; `oldest_unserved_waiting_s`: how long
     the oldest of them has been in S3. `pending_merge`: landed snapshots the merge log does not hold.
+    `serving_age_s`: how old the newest measurement shown is (grows when nothing lands: upstream or ingest).
     """
     from trafficwatch import lake, serving, storage
 
@@ -243,6 +244,7 @@ def lag(
         "serving_db": str(serving_db),
         "serving_measured_at": _iso(served),
         "serving_built_at": _iso(built_at),
+        "serving_age_s": round((now - served).total_seconds(), 1) if served else None,
         "lag_s": round((newest_at - served).total_seconds(), 1) if newest_at and served else None,
         "unserved_snapshots": len(unserved),
         "oldest_unserved_waiting_s": round((now - landed[unserved[0]]).total_seconds(), 1) if unserved else 0.0,
