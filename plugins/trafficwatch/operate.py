@@ -37,7 +37,7 @@ import duckdb
 
 from trafficwatch import services
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
-from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of, raw_key
+from trafficwatch.landing import measured_at_of, raw_key
 
 # Stopped first to last: the readers and the scheduler before the worker and the feed, S3 last of all.
 # A service this list does not know (a pid file of another version) is stopped after Airflow.
@@ -185,7 +185,7 @@ def _served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
     return (latest.astimezone(UTC) if latest else None), (row[0].astimezone(UTC) if row and row[0] else None)
 
 
-def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> set[str]:
+def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> frozenset[str]:
     """Raw keys in the merge log, read without creating the table when it does not exist yet."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
@@ -195,18 +195,15 @@ def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> set[str
     try:
         table = DeltaTable(lake.table_uri(settings, lake.MERGE_LOG), storage_options=storage_options)
     except TableNotFoundError:
-        return set()
-    return set(lake.scan_table(table, storage_options).select("source_key").collect()["source_key"].to_list())
+        return frozenset()
+    return lake.merged_keys(settings, {lake.MERGE_LOG: table})
 
 
 def landed_snapshots(s3: Any, bucket: str) -> dict[str, datetime]:
     """Raw key -> LastModified, for every landed snapshot."""
-    landed = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=RAW_PREFIX):
-        for item in page.get("Contents", []):
-            if item["Key"].endswith(RAW_SUFFIX):
-                landed[item["Key"]] = item["LastModified"].astimezone(UTC)
-    return landed
+    from trafficwatch import lake
+
+    return {obj.key: obj.landed_at for obj in lake.list_raw(s3, bucket)}
 
 
 def _iso(moment: datetime | None) -> str | None:
