@@ -211,7 +211,11 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def lag(
-    settings: Settings, s3: Any = None, storage_options: dict[str, str] | None = None, now: datetime | None = None
+    settings: Settings,
+    s3: Any = None,
+    storage_options: dict[str, str] | None = None,
+    serving_db: Path | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """How far the dashboards are behind what has landed, and what waits to be merged.
 
@@ -228,7 +232,7 @@ def lag(
     now = now or datetime.now(UTC)
     landed = landed_snapshots(s3, settings.bucket)
     pending = sorted(set(landed) - _merged_keys(settings, options))
-    serving_db = serving.serving_db_path(settings)
+    serving_db = serving_db or serving.serving_db_path(settings)
     served, built_at = _served_latest(serving_db)
     newest = max(landed, default=None)  # keys sort by upstream time
     newest_at = measured_at_of(newest) if newest else None
@@ -570,6 +574,7 @@ class LocalStack:
     repo: Path = REPO_ROOT
     _environment: dict[str, str] | None = field(default=None, repr=False)
     _settings: Settings | None = field(default=None, repr=False)
+    _serving_db: Path | None = field(default=None, repr=False)
 
     @classmethod
     def on_free_ports(
@@ -647,11 +652,21 @@ class LocalStack:
         return {name.decode(): value.decode() for name, value in pairs}
 
     def settings(self) -> Settings:
-        """The stack's settings, as its services read them."""
+        """The stack's settings, as its services read them (never from this process's environment)."""
         if self._settings is None:
+            from trafficwatch import serving
+
             with _environ(self.environment()):
                 self._settings = load_settings()
+                self._serving_db = serving.serving_db_path(self._settings)
         return self._settings
+
+    @property
+    def serving_db(self) -> Path:
+        """The stack's serving file (serving_db_path reads TRAFFICWATCH_SERVING_DB from the environment)."""
+        self.settings()
+        assert self._serving_db is not None
+        return self._serving_db
 
     def s3(self) -> Any:
         """An S3 client on the stack's S3 server, with its generated keys."""
@@ -677,19 +692,16 @@ class LocalStack:
 
     def watcher(self, poll_s: float = 0.5) -> FreshnessWatcher:
         """A freshness watcher on this stack's bucket and serving file, sampling its memory every 5 s."""
-        from trafficwatch import serving
-
-        settings = self.settings()
         return FreshnessWatcher(
             self.s3(),
-            settings.bucket,
-            serving.serving_db_path(settings),
+            self.settings().bucket,
+            self.serving_db,
             poll_s,
             sample=lambda: stack_memory(self.home),
         )
 
     def lag(self) -> dict[str, Any]:
-        return lag(self.settings(), self.s3(), self.storage_options())
+        return lag(self.settings(), self.s3(), self.storage_options(), self.serving_db)
 
     def merged_at(self) -> dict[str, datetime]:
         """Raw key -> when the merge log recorded it."""

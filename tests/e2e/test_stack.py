@@ -30,7 +30,7 @@ import requests
 from deltalake import DeltaTable
 
 from tests.conftest import REPO
-from trafficwatch import lake, operate, serving
+from trafficwatch import lake, operate
 from trafficwatch.landing import measured_at_of, raw_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -105,8 +105,7 @@ def table(stack: operate.LocalStack, name: str, columns: list[str]) -> pl.DataFr
 
 def served(stack: operate.LocalStack) -> tuple[datetime, int]:
     """Newest measured_at in segment_latest of the serving file, and how many segments show it."""
-    path = serving.serving_db_path(stack.settings())
-    with duckdb.connect(str(path), read_only=True) as con:
+    with duckdb.connect(str(stack.serving_db), read_only=True) as con:
         latest, segments = con.execute(
             "SELECT max(measured_at), count(*) FILTER (WHERE measured_at = (SELECT max(measured_at) "
             "FROM segment_latest)) FROM segment_latest"
