@@ -51,7 +51,6 @@ class E2E:
     groups: dict[str, int] = field(default_factory=dict)  # every service process group seen in this module
     figures: dict[str, Any] = field(default_factory=dict)
     first_phase_done: bool = False
-    restart_done: bool = False
 
     def record(self, name: str, value: Any) -> None:
         """Keep a figure and write all of them to the home and to test-artifacts/ (partial runs included)."""
@@ -269,7 +268,6 @@ def test_down_and_demo_again_in_the_middle_merge_every_snapshot_once(e2e: E2E, r
         f"make demo returned; {facts['snapshots']} snapshots x {facts['segments']} segments = {facts['rows']} rows"
     )
     report_freshness(e2e, watcher, "after the restart")
-    e2e.restart_done = True
 
 
 def test_make_down_leaves_no_process_behind(e2e: E2E) -> None:
