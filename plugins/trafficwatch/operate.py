@@ -717,10 +717,19 @@ class LocalStack:
             key: moment.astimezone(UTC) for key, moment in frame.group_by("source_key").agg(pl.min("merged_at")).rows()
         }
 
-    def breakdown(self, snapshots: list[SnapshotFreshness]) -> list[dict[str, Any]]:
-        """`breakdown` for this stack's snapshots; a report, so a failure is a row saying why, not an error."""
+    def breakdown(self, snapshots: list[SnapshotFreshness], wait_s: float = 30) -> list[dict[str, Any]]:
+        """`breakdown` for this stack's snapshots; a report, so a failure is a row saying why, not an error.
+
+        The marts task that published the newest snapshot ends a moment after the file is visible: this
+        waits up to `wait_s` for every snapshot's task runs to be recorded.
+        """
+        deadline = time.monotonic() + wait_s
         try:
-            return breakdown(snapshots, self.merged_at(), task_runs(self.airflow_db))
+            while True:
+                rows = breakdown(snapshots, self.merged_at(), task_runs(self.airflow_db))
+                if len(rows) >= len(snapshots) or time.monotonic() > deadline:
+                    return rows
+                time.sleep(1)
         except Exception as error:
             return [{"error": f"{type(error).__name__}: {error}"}]
 
