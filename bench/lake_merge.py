@@ -79,7 +79,7 @@ import deltalake
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from trafficwatch import lake, landing, services, storage, worker
+from trafficwatch import lake, landing, operate, services, storage, worker
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
 from trafficwatch.feed import FeedConfig, start_in_thread
 from trafficwatch.source import Client
@@ -633,7 +633,7 @@ def _singles_child(keys: list[str]) -> dict[int, Series]:
                 copy_objects(s3, RAW_BUCKET, settings.bucket, [key])
                 series[days].served.append(check(settings.bucket, timed_worker_merge(settings)))
         for days, settings in workers.items():
-            series[days].worker_rss_kib = rss_kib(services.running_pid(settings.home, "worker"))
+            series[days].worker_rss_kib = operate.rss_bytes(services.running_pid(settings.home, "worker") or 0) // 1024
     return series
 
 
@@ -665,13 +665,6 @@ def timed_worker_merge(settings: Settings) -> Run:
     with stopwatch() as took:
         result = worker.merge_pending(settings)
     return Run(took(), time.process_time() - cpu, 0, result.observations, result.as_dict())
-
-
-def rss_kib(pid: int | None) -> int:
-    """Resident memory of a process group leader, in KiB (0 if unknown)."""
-    with contextlib.suppress(OSError, TypeError, AttributeError):
-        return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))  # type: ignore[union-attr]
-    return 0
 
 
 def restore_all(s3: Any, histories: dict[int, dict[str, Any]]) -> None:

@@ -70,26 +70,25 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS), 0 if it is gone."""
+def _proc_bytes(pid: int, file: str, field: str) -> int:
+    """A `Field:  N kB` line of /proc/PID/FILE, in bytes; 0 if the process is gone or it is unreadable."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS), 0 if it is gone."""
+    return _proc_bytes(pid, "status", "VmRSS:")
 
 
 def pss_bytes(pid: int) -> int:
     """Proportional memory of a process (its share of pages shared with others), 0 if unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes(pid, "smaps_rollup", "Pss:")
 
 
 def processes_mentioning(text: str, exclude: set[int] | None = None) -> dict[int, str]:

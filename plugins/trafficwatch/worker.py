@@ -121,9 +121,7 @@ class Worker:
 
     def build(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.build_lock:
-            result = serving.build(self.settings, full_refresh=bool(request.get("full_refresh")))
-        log.info(result.summary())
-        return result.as_dict()
+            return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         if (request.get("home"), request.get("bucket")) != (str(self.settings.home), self.settings.bucket):
