@@ -327,6 +327,15 @@ def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> frozenset[
     return keys
 
 
+def _note_merged(table: DeltaTable, version: int, files: frozenset[str], keys: list[str]) -> None:
+    """Add the keys this process just wrote to the merge log to what `merged_keys` knows, without reading
+    them back, when its write was the only commit since the version `merged_keys` last read."""
+    cached = _merged_keys_read.get(table.table_uri)
+    if cached is None or cached[0] is not table or cached[1] != files or table.version() != version + 1:
+        return
+    _merged_keys_read[table.table_uri] = (table, frozenset(table.file_uris()), cached[2] | frozenset(keys))
+
+
 def pending_raw(
     settings: Settings, s3: Any, tables: dict[str, DeltaTable], index: RawIndex | None = None
 ) -> list[RawObject]:
@@ -781,7 +790,9 @@ def merge_rejected(table: DeltaTable | None, rejected: pl.DataFrame, batch: int)
 def append_merge_log(table: DeltaTable, entries: pl.DataFrame, batch: int) -> None:
     rows = entries.select(list(SCHEMAS[MERGE_LOG]))
     predicate = f"t.source_key = s.source_key AND {_time_bounds(rows)}"
+    version, files = table.version(), frozenset(table.file_uris())
     _commit(table, lambda: _insert_missing(table, rows, predicate, batch), MERGE_LOG)
+    _note_merged(table, version, files, rows["source_key"].to_list())
 
 
 # --------------------------------------------------------------------------- the merge

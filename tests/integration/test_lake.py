@@ -307,3 +307,40 @@ def test_two_writers_appending_the_same_rows_from_one_version_do_not_duplicate(s
     lake.merge_observations(two, rows, batch=1)
     frame = lake.scan_table(lake.ensure_tables(s3_settings)[lake.OBSERVATIONS], lake.storage_options(s3_settings))
     assert frame.select(pl.len()).collect().item() == 2859
+
+
+def test_a_process_keeping_its_tables_open_knows_what_it_merged_without_reading_it_back(
+    s3_settings, sample_bytes, monkeypatch
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_settings.s3_endpoint_url)
+    tables = lake.OpenTables(s3_settings)
+    first = land_raw(s3_settings, redated(sample_bytes, 0))
+    assert lake.merge_pending(s3_settings, s3, tables.get()).merged_objects == 1
+    read_back: list[list[str]] = []  # merge log files read
+    scan_parquet = lake.pl.scan_parquet
+
+    def counted(source, **options):
+        if "merge_log" in str(source):
+            read_back.append([source] if isinstance(source, str) else list(source))
+        return scan_parquet(source, **options)
+
+    monkeypatch.setattr(lake.pl, "scan_parquet", counted)
+
+    second = land_raw(s3_settings, redated(sample_bytes, 1))
+    assert lake.merge_pending(s3_settings, s3, tables.get()).merged_objects == 1
+    assert lake.pending_raw(s3_settings, s3, tables.get()) == []
+    assert lake.merged_keys(s3_settings, tables.get()) == {first, second}
+    assert read_back == []  # the merge log file it had just written was not read again
+
+    # Another process merges: its merge log file is read, and only that one.
+    third = land_raw(s3_settings, redated(sample_bytes, 2))
+    other = subprocess.run([TRAFFICWATCH, "merge"], env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert lake.merged_keys(s3_settings, tables.get()) == {first, second, third}
+    assert len(read_back) == 1 and len(read_back[0]) == 1
+    fourth = land_raw(s3_settings, redated(sample_bytes, 3))
+    assert lake.merge_pending(s3_settings, s3, tables.get()).merged_objects == 1
+    assert lake.pending_raw(s3_settings, s3, tables.get()) == []
+    assert lake.merged_keys(s3_settings, tables.get()) == {first, second, third, fourth}
+    rows = counts(s3_settings)
+    assert (rows["traffic_observations"], rows["merge_log"]) == (4 * 2859, 4)
