@@ -31,6 +31,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -304,14 +305,16 @@ class RawIndex:
             return list(self._objects.values())
 
 
-_merged_keys_read: dict[str, tuple[DeltaTable, frozenset[str], frozenset[str]]] = {}
+_merged_keys_read: dict[str, tuple[DeltaTable, frozenset[str], set[str]]] = {}
 
 
-def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> frozenset[str]:
+def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> AbstractSet[str]:
     """The raw keys the merge log holds.
 
     Merge log rows are never deleted, so a process that keeps the table open (`OpenTables`) reads, after
     the first time, only the files added since: one small file per merge, not 43,200 rows after 30 days.
+    The set it returns is then the one this process keeps up to date (copying it each time would cost what
+    the history holds): read it, do not keep it.
     """
     table, options = tables[MERGE_LOG], storage_options(settings)
     files = frozenset(table.file_uris())
@@ -320,9 +323,9 @@ def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> frozenset[
         _, known_files, keys = cached
         if files - known_files:
             added = pl.scan_parquet(sorted(files - known_files), storage_options=options).select("source_key")
-            keys = keys | frozenset(added.collect()["source_key"].to_list())
+            keys.update(added.collect()["source_key"].to_list())
     else:
-        keys = frozenset(scan_table(table, options).select("source_key").collect()["source_key"].to_list())
+        keys = set(scan_table(table, options).select("source_key").collect()["source_key"].to_list())
     _merged_keys_read[table.table_uri] = (table, files, keys)
     return keys
 
@@ -333,7 +336,8 @@ def _note_merged(table: DeltaTable, version: int, files: frozenset[str], keys: l
     cached = _merged_keys_read.get(table.table_uri)
     if cached is None or cached[0] is not table or cached[1] != files or table.version() != version + 1:
         return
-    _merged_keys_read[table.table_uri] = (table, frozenset(table.file_uris()), cached[2] | frozenset(keys))
+    cached[2].update(keys)
+    _merged_keys_read[table.table_uri] = (table, frozenset(table.file_uris()), cached[2])
 
 
 def pending_raw(

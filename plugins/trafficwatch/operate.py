@@ -184,7 +184,7 @@ def _served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
     return (latest.astimezone(UTC) if latest else None), (row[0].astimezone(UTC) if row and row[0] else None)
 
 
-def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> frozenset[str]:
+def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> Collection[str]:
     """Raw keys in the merge log, read without creating the table when it does not exist yet."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
