@@ -692,7 +692,6 @@ PHASES = (
     ("lake.prepare", "prepare in this process: download + parse + validate + dedupe"),
     ("lake._merge_chunk", "write the chunks (the rest of the total: waiting for prepared objects)"),
     ("lake.merge_rejected", "write rejected_records"),
-    ("lake._next_batch_number", "read the app transaction version"),
     ("lake.merge_observations", "write traffic_observations (append, or MERGE if not new)"),
     ("lake.may_hold", "  may the table hold these rows? (Delta log statistics)"),
     ("lake.merge_segments", "road_segments: read current + changes + MERGE"),

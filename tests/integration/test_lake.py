@@ -295,8 +295,8 @@ def test_new_rows_are_appended_and_rows_the_table_may_hold_are_merged(s3_setting
 
 
 def test_two_writers_appending_the_same_rows_from_one_version_do_not_duplicate(s3_settings, sample_bytes) -> None:
-    """The race two merges run when both see the rows as new: the app transaction makes the second
-    commit fail, and its retry, on the fresh table, finds the rows there."""
+    """The race two merges run when both see the rows as new: the app transaction (same app id, any
+    version) makes the second commit fail, and its retry, on the fresh table, finds the rows there."""
     rows = _observations_of(s3_settings, sample_bytes, land_raw(s3_settings, sample_bytes))
     lake.ensure_tables(s3_settings)
     one = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
@@ -304,7 +304,7 @@ def test_two_writers_appending_the_same_rows_from_one_version_do_not_duplicate(s
     assert one.version() == two.version() == 0
     lake.merge_observations(one, rows, batch=1)
     assert not lake.may_hold(two, rows)  # `two` still sees the table as it was: the rows look new to it
-    lake.merge_observations(two, rows, batch=1)
+    lake.merge_observations(two, rows, batch=2)
     frame = lake.scan_table(lake.ensure_tables(s3_settings)[lake.OBSERVATIONS], lake.storage_options(s3_settings))
     assert frame.select(pl.len()).collect().item() == 2859
 
