@@ -518,9 +518,10 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         value, bad = _as_integer(column)
         typed.append(value.alias(column))
         type_reasons.append(_reason(bad, pl.format("{} {} is not an integer", pl.lit(column), pl.col(column))))
-    # Type failures are judged on the values as sent, before the casts below replace them.
-    frame = frame.with_columns(pl.concat_str(type_reasons, separator="; ", ignore_nulls=True).alias("reason"))
-    frame = frame.with_columns(
+    # Type failures are judged on the values as sent, before the casts below replace them. One lazy query:
+    # each eager step would be a query of its own.
+    lazy = frame.lazy().with_columns(pl.concat_str(type_reasons, separator="; ", ignore_nulls=True).alias("reason"))
+    lazy = lazy.with_columns(
         *typed,
         pl.col("traffic_status").cast(pl.String, strict=False),
         pl.col("segment_id").cast(pl.Int64, strict=False),
@@ -561,10 +562,9 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.format("geometry type {} is not LineString or MultiLineString", GEOMETRY_TYPE.fill_null("unknown")),
         )
     )
-    checked = frame.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"))
-    accepted = checked.filter(pl.col("reason").is_null() | (pl.col("reason") == "")).drop("reason")
-    rejected = checked.filter(pl.col("reason").is_not_null() & (pl.col("reason") != ""))
-    return accepted, rejected
+    checked = lazy.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")).collect()
+    failed = checked["reason"].is_not_null() & (checked["reason"] != "")
+    return checked.filter(~failed).drop("reason"), checked.filter(failed)
 
 
 def dedupe(accepted: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

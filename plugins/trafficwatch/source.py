@@ -60,6 +60,13 @@ class _Shape(msgspec.Struct, gc=False):
     coordinates: msgspec.Raw = msgspec.Raw(b"null")
 
 
+class _LonLat(msgspec.Struct, gc=False):
+    """`geo_point_2d` as v2.1 sends it (v1 sends `[lat, lon]`)."""
+
+    lon: float | None = None
+    lat: float | None = None
+
+
 class _Record(msgspec.Struct, gc=False):
     datetime: str
     predefinedlocationreference: str
@@ -68,7 +75,7 @@ class _Record(msgspec.Struct, gc=False):
     traveltimereliability: Scalar = None
     trafficstatus: Scalar = None
     vehicleprobemeasurement: Scalar = None
-    geo_point_2d: dict[str, float] | list[float] | None = None
+    geo_point_2d: _LonLat | list[float] | None = None
     geo_shape: _Shape | None = None
     gml_id: Scalar = None
     id_rva_troncon_fcd_v1_1: Scalar = None
@@ -314,13 +321,11 @@ def _geometry_text(shape: _Shape | None) -> str | None:
     return f'{{"type":"{geometry.type}","coordinates":{coordinates}}}'
 
 
-def _point(value: dict[str, float] | list[float] | None) -> tuple[float | None, float | None]:
-    """(lon, lat) from `{"lon", "lat"}` (v2.1) or `[lat, lon]` (v1)."""
-    if isinstance(value, dict):
-        return value.get("lon"), value.get("lat")
-    if isinstance(value, list) and len(value) == 2:
-        return value[1], value[0]
-    return None, None
+def _points(values: tuple[_LonLat | list[float] | None, ...]) -> tuple[list[float | None], list[float | None]]:
+    """Longitudes and latitudes from `{"lon", "lat"}` (v2.1) or `[lat, lon]` (v1) points."""
+    lons = [p.lon if p.__class__ is _LonLat else (p[1] if p and len(p) == 2 else None) for p in values]
+    lats = [p.lat if p.__class__ is _LonLat else (p[0] if p and len(p) == 2 else None) for p in values]
+    return lons, lats
 
 
 _FIELD_VALUES = operator.attrgetter(*FIELD_MAP, "geo_point_2d", "geo_shape")
@@ -338,9 +343,9 @@ def _frame(records: list[_Record], measured_at: datetime) -> pl.DataFrame:
     }
     for column, values in zip(FIELD_MAP.values(), fields, strict=True):
         columns[column] = pl.Series(list(values), strict=False)
-    lons, lats = zip(*map(_point, points), strict=True)
-    columns["point_lon"] = pl.Series(list(lons), dtype=pl.Float64, strict=False)
-    columns["point_lat"] = pl.Series(list(lats), dtype=pl.Float64, strict=False)
+    lons, lats = _points(points)
+    columns["point_lon"] = pl.Series(lons, dtype=pl.Float64, strict=False)
+    columns["point_lat"] = pl.Series(lats, dtype=pl.Float64, strict=False)
     columns["geometry"] = pl.Series(list(map(_geometry_text, shapes)), dtype=pl.String)
     return pl.DataFrame(columns)
 
