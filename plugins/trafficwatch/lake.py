@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from trafficwatch import storage
@@ -59,6 +59,10 @@ LAT_RANGE = (47.7, 48.5)
 GEOMETRY_TYPES = ("LineString", "MultiLineString")
 GEOMETRY_TYPE = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')  # from the GeoJSON text
 COMMIT_ATTEMPTS = 5
+# After every commit delta-rs would list the whole _delta_log to delete expired entries (1,600 files with a
+# 24 h log retention: a cost that grows with the log). Merges leave that to lake_maintenance (hourly);
+# they still write a checkpoint every delta.checkpointInterval commits.
+MERGE_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 OBJECTS_PER_COMMIT = 720  # ~2 M rows: bounds memory on long backfills
 
 UTC_US = pl.Datetime("us", "UTC")
@@ -666,10 +670,15 @@ def _insert_missing(table: DeltaTable, rows: pl.DataFrame, key_predicate: str, b
     commit = CommitProperties(app_transactions=[Transaction(APP_ID, batch)])
     source = rows.to_arrow()
     if not may_hold(table, rows):
-        write_deltalake(table, source, mode="append", commit_properties=commit)
+        write_deltalake(table, source, mode="append", commit_properties=commit, post_commithook_properties=MERGE_HOOKS)
         return
     table.merge(
-        source, predicate=key_predicate, source_alias="s", target_alias="t", commit_properties=commit
+        source,
+        predicate=key_predicate,
+        source_alias="s",
+        target_alias="t",
+        commit_properties=commit,
+        post_commithook_properties=MERGE_HOOKS,
     ).when_not_matched_insert_all().execute()
 
 
@@ -762,6 +771,7 @@ def merge_segments(table: DeltaTable, versions: pl.DataFrame, options: dict[str,
                 source_alias="s",
                 target_alias="t",
                 commit_properties=CommitProperties(app_transactions=[Transaction(APP_ID, batch)]),
+                post_commithook_properties=MERGE_HOOKS,
             )
             .when_matched_update(
                 updates={"valid_to": "s.valid_to", "is_current": "s.is_current"}, predicate="s.action = 'close'"
