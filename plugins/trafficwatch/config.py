@@ -51,6 +51,12 @@ class Settings:
     vacuum_retention_hours: int
     log_retention: str
     raw_retention_days: int
+    # A snapshot with fewer records is refused as partial, not taken as the network (2,859 segments; the
+    # smallest real answer seen held 2,368).
+    min_records: int = 2000
+    # How far a snapshot's upstream time may lie after its fetch (ingest) or its landing (merge): clocks
+    # drift a little, a snapshot from the future is a broken source.
+    future_tolerance_s: float = 600.0
 
     @property
     def raw_uri(self) -> str:
@@ -77,4 +83,6 @@ def load_settings() -> Settings:
         vacuum_retention_hours=_int("TRAFFICWATCH_VACUUM_RETENTION_HOURS", 168),
         log_retention=os.environ.get("TRAFFICWATCH_LOG_RETENTION", "interval 24 hours"),
         raw_retention_days=_int("TRAFFICWATCH_RAW_RETENTION_DAYS", 0),
+        min_records=_int("TRAFFICWATCH_MIN_RECORDS", 2000),
+        future_tolerance_s=_float("TRAFFICWATCH_FUTURE_TOLERANCE", 600.0),
     )
