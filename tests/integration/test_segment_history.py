@@ -1,0 +1,562 @@
+"""road_segments is exactly the history the snapshots give, whatever order, batching, replay, backfill, crash
+or race the merges go through (issue 11, build point 2).
+
+The rule (`reference.expected_versions`): per segment, its points (the accepted row of every merged
+snapshot) in time order, collapsed into runs of equal attributes; one version per run, `valid_from` its first
+point, `valid_to` the next run's first point, current the last run. It must hold after every merge, over the
+snapshots merged so far: a crash can stop the lake at any of these states.
+
+- `test_random_history_*`: a property test. A seed draws a few real segments, their attribute changes over
+  8-20 snapshots (A -> B -> A, segments missing from some snapshots, a segment appearing later, a rejected
+  row now and then), a split into batches merged in random order, replays and one backfill. The failure
+  message prints the seed, the replay command, the scenario and the first step whose table differs.
+  `TRAFFICWATCH_HISTORY_SEEDS=0-499` (or `7,12`) runs other seeds.
+- `test_two_writers_*`: two merges race with their own table handles; one is held before or after one of
+  its table writes while the other runs to completion, then let go.
+- `test_crash_*`: a merge raises before or after one of its table writes; `merge_pending` then reruns.
+
+Hooks used (keep them, or tell the tests): `lake._commit(table, action, what)` runs each table write of a
+merge, `what` being the table name and `table` the handle from the `tables` given to `merge_objects`;
+`lake.OBJECTS_PER_TASK` and `lake.OBJECTS_PER_COMMIT` split a merge into prepare tasks and commits.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import SAMPLE_DATETIME, land_raw
+from tests.support import reference
+from trafficwatch import lake, storage
+from trafficwatch.config import Settings
+
+pytestmark = pytest.mark.integration
+
+BASE = datetime.fromisoformat(SAMPLE_DATETIME.decode())
+TEST_FILE = "tests/integration/test_segment_history.py"
+SEEDS_VARIABLE = "TRAFFICWATCH_HISTORY_SEEDS"
+DEFAULT_SEEDS = 24
+
+# Small pools, so that values come back (A -> B -> A) often. Index 0 stands for the segment's real value.
+NAMES = (None, "Rocade Ouest", "Rue de Nantes")
+LIMITS = (None, 30, 50, 70)
+HIERARCHIES = (None, "Réseau d'armature", "Réseau d'appui", "Réseau de distribution principale")
+GEOMETRIES = ("multi", "line")  # the 2024 MultiLineString, or the 2025 LineString of the same points
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """A segment's attributes in one snapshot, as indexes into the pools above."""
+
+    name: int = 0
+    limit: int = 0
+    hierarchy: int = 0
+    geometry: int = 0
+
+
+HIERARCHY_CODES = {"armature": "arm", "appui": "app", "principale": "dp", "secondaire": "ds", "national": "nat"}
+
+
+def _code(record: dict[str, Any], name: str | None, limit: int | None, hierarchy: str | None, line: bool) -> str:
+    """Attributes in a few characters: name (R = the segment's real one, O = Rocade Ouest, N = Rue de Nantes),
+    limit, hierarchy, geometry (M = MultiLineString, L = LineString)."""
+    labels = {record["denomination"]: "R", NAMES[1]: "O", NAMES[2]: "N"}
+    words = (hierarchy or "").replace("'", " ").split()
+    level = next((HIERARCHY_CODES[w] for w in reversed(words) if w in HIERARCHY_CODES), repr(hierarchy))
+    return f"{labels.get(name, repr(name))}/{limit}/{level}/{'L' if line else 'M'}"
+
+
+def _state_code(record: dict[str, Any], state: State) -> str:
+    return _code(
+        record,
+        NAMES[state.name] or record["denomination"],
+        LIMITS[state.limit] or record["vitesse_maxi"],
+        HIERARCHIES[state.hierarchy] or record["hierarchie"],
+        bool(state.geometry),
+    )
+
+
+@dataclasses.dataclass
+class Snapshot:
+    minute: int
+    states: dict[int, State]  # segment index -> its attributes; absent segments are not in the payload
+    rejected: frozenset[int] = frozenset()  # segments whose row fails validation (speed 420) in this one
+
+    def code(self, records: list[dict[str, Any]]) -> str:
+        cells = []
+        for index, record in enumerate(records):
+            state = self.states.get(index)
+            cells.append("-" if state is None else _state_code(record, state) + ("!" if index in self.rejected else ""))
+        return f"+{self.minute:<3} " + " ".join(f"{cell:<14}" for cell in cells)
+
+
+def _record(base: dict[str, Any], state: State, moment: datetime, rng: random.Random, bad: bool) -> dict[str, Any]:
+    record = copy.deepcopy(base)
+    record["datetime"] = moment.isoformat()
+    if state.name:
+        record["denomination"] = NAMES[state.name]
+    if state.limit:
+        record["vitesse_maxi"] = LIMITS[state.limit]
+    if state.hierarchy:
+        record["hierarchie"] = HIERARCHIES[state.hierarchy]
+    if state.geometry:
+        geometry = record["geo_shape"]["geometry"]
+        record["geo_shape"]["geometry"] = {"type": "LineString", "coordinates": geometry["coordinates"][0]}
+    record["averagevehiclespeed"] = 420 if bad else rng.randint(5, 90)
+    return record
+
+
+def _bodies(records: list[dict[str, Any]], snapshots: list[Snapshot], seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    bodies = []
+    for snapshot in snapshots:
+        moment = BASE + timedelta(minutes=snapshot.minute)
+        payload = [
+            _record(records[index], state, moment, rng, index in snapshot.rejected)
+            for index, state in sorted(snapshot.states.items())
+        ]
+        bodies.append(json.dumps(payload).encode())
+    return bodies
+
+
+def _draw_snapshots(rng: random.Random, segments: int) -> list[Snapshot]:
+    """Attribute changes over time: each snapshot changes a few attributes of a few segments."""
+    count = rng.randint(8, 20)
+    minute = 0
+    late = rng.randrange(1, segments)  # a segment that appears only later
+    appears = rng.randint(1, count - 1)
+    gappy = rng.randrange(1, segments)  # a segment missing from some snapshots (maybe the late one)
+    current = {index: State() for index in range(segments)}
+    snapshots = []
+    for position in range(count):
+        for index in range(segments):
+            if rng.random() < 0.3:
+                field = rng.choice(["name", "limit", "hierarchy", "hierarchy", "geometry"])
+                pool = {"name": NAMES, "limit": LIMITS, "hierarchy": HIERARCHIES, "geometry": GEOMETRIES}[field]
+                current[index] = dataclasses.replace(current[index], **{field: rng.randrange(len(pool))})
+        states = {
+            index: current[index]
+            for index in range(segments)
+            if not (index == late and position < appears) and not (index == gappy and rng.random() < 0.3)
+        }
+        rejected = frozenset(index for index in states if index and rng.random() < 0.05)
+        snapshots.append(Snapshot(minute, states, rejected))
+        minute += rng.choice([1, 2, 3, 3, 3, 4, 5])
+    return snapshots
+
+
+# --------------------------------------------------------------------------- a lake under test
+
+
+class Lake:
+    """A bucket with snapshots landed under raw/, and what has been merged so far."""
+
+    def __init__(self, settings: Settings, records: list[dict[str, Any]], snapshots: list[Snapshot], seed: int):
+        self.settings = dataclasses.replace(settings, min_records=1)  # a few segments are a whole snapshot here
+        self.s3 = storage.s3_client(self.settings)
+        self.records, self.snapshots = records, snapshots
+        self.bodies = _bodies(records, snapshots, seed)
+        self.keys = [land_raw(self.settings, body) for body in self.bodies]
+        landed = {obj.key: obj for obj in lake.list_raw(self.s3, self.settings.bucket)}
+        self.objects = [landed[key] for key in self.keys]
+        self.merged: set[int] = set()
+
+    def objects_of(self, indexes: list[int]) -> list[lake.RawObject]:
+        return [self.objects[index] for index in indexes]
+
+    def merge(self, indexes: list[int], tables: dict[str, Any] | None = None) -> lake.MergeResult:
+        result = lake.merge_objects(self.settings, self.objects_of(indexes), self.s3, tables)
+        self.merged.update(indexes)
+        return result
+
+    def backfill(self, low: int, high: int) -> list[int]:
+        """`lake.backfill` over [snapshot low, snapshot high): the snapshots of that range, merged or not."""
+        start = BASE + timedelta(minutes=self.snapshots[low].minute)
+        end = BASE + timedelta(minutes=self.snapshots[high].minute if high < len(self.snapshots) else 10**6)
+        lake.backfill(self.settings, start, end, self.s3)
+        chosen = list(range(low, high))
+        self.merged.update(chosen)
+        return chosen
+
+    def merge_pending(self) -> lake.MergeResult:
+        result = lake.merge_pending(self.settings, self.s3)
+        self.merged.update(range(len(self.bodies)))
+        return result
+
+    def merged_bodies(self) -> list[bytes]:
+        return [self.bodies[index] for index in sorted(self.merged)]
+
+    def segment_key(self, index: int) -> str:
+        return self.records[index]["predefinedlocationreference"]
+
+    # ---- checks
+
+    def history_problems(self) -> str | None:
+        """None if road_segments holds exactly the versions of the snapshots merged so far, else what differs."""
+        actual = reference.actual_versions(self.settings)
+        expected = reference.expected_versions(self.merged_bodies()) if self.merged else []
+        problems = []
+        duplicates = Counter((row["segment_key"], row["valid_from"]) for row in actual)
+        twice = sorted(key for key, times in duplicates.items() if times > 1)
+        if twice:
+            problems.append("duplicate (segment_key, valid_from): " + ", ".join(self._key(*key) for key in twice))
+        if actual != expected:
+            actual_rows, expected_rows = map(self._rows, (actual, expected))
+            missing = [row for row in expected_rows if row not in actual_rows]
+            extra = [row for row in actual_rows if row not in expected_rows]
+            problems.append("road_segments differs from the expected versions")
+            problems += ["  expected:", *[f"    {row}" for row in expected_rows]]
+            problems += ["  actual:", *[f"    {row}" for row in actual_rows]]
+            problems += ["  missing:", *[f"    {row}" for row in missing], "  extra:", *[f"    {row}" for row in extra]]
+        return "\n".join(problems) or None
+
+    def observation_problems(self) -> str | None:
+        table = lake.ensure_tables(self.settings, [lake.OBSERVATIONS])[lake.OBSERVATIONS]
+        frame = lake.scan_table(table, lake.storage_options(self.settings)).select("segment_key", "measured_at")
+        rows = frame.collect().rows()
+        expected = reference.expected_observation_keys(self.merged_bodies()) if self.merged else set()
+        if len(rows) != len(set(rows)):
+            return f"duplicate observations: {sorted(k for k, n in Counter(rows).items() if n > 1)[:10]}"
+        if set(rows) != expected:
+            return (
+                f"observations: missing {sorted(expected - set(rows))[:10]}, extra {sorted(set(rows) - expected)[:10]}"
+            )
+        return None
+
+    def pending(self) -> list[str]:
+        tables = lake.ensure_tables(self.settings, lake.MERGE_TABLES)
+        return [obj.key for obj in lake.pending_raw(self.settings, self.s3, tables)]
+
+    def _index(self, key: str) -> int:
+        return next(i for i, record in enumerate(self.records) if record["predefinedlocationreference"] == key)
+
+    def _minute(self, moment: datetime | None) -> str:
+        return "None" if moment is None else f"+{int((moment - BASE).total_seconds() // 60)}"
+
+    def _key(self, key: str, valid_from: datetime) -> str:
+        return f"s{self._index(key)}@{self._minute(valid_from)}"
+
+    def _rows(self, versions: list[dict[str, Any]]) -> list[str]:
+        """Versions in a readable form: s<segment> [from, to) current, and the attribute codes."""
+        rows = []
+        for row in versions:
+            index = self._index(row["segment_key"])
+            line = '"LineString"' in (row["geometry_geojson"] or "")
+            code = _code(self.records[index], row["road_name"], row["speed_limit_kmh"], row["hierarchy"], line)
+            current = " current" if row["is_current"] else ""
+            rows.append(
+                f"s{index} [{self._minute(row['valid_from'])}, {self._minute(row['valid_to'])}){current} {code}"
+            )
+        return rows
+
+    def describe(self) -> str:
+        header = " ".join(f"s{i}={self.segment_key(i)}" for i in range(len(self.records)))
+        legend = "name/limit/hierarchy/geometry: name R = real, O = Rocade Ouest, N = Rue de Nantes; M/L geometry"
+        lines = [f"{len(self.snapshots)} snapshots, segments {header}", legend]
+        lines.append("  minute per segment s0, s1... ('-' absent, '!' its row rejected)")
+        lines += [f"  {snapshot.code(self.records)}" for snapshot in self.snapshots]
+        return "\n".join(lines)
+
+
+def _sample_records(sample_bytes: bytes, indexes: list[int]) -> list[dict[str, Any]]:
+    records = json.loads(sample_bytes)
+    return [records[index] for index in indexes]
+
+
+# --------------------------------------------------------------------------- 1. the property test
+
+
+def _seeds() -> list[int]:
+    spec = os.environ.get(SEEDS_VARIABLE, "").strip()
+    if not spec:
+        return list(range(DEFAULT_SEEDS))
+    seeds: list[int] = []
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    return seeds
+
+
+@dataclasses.dataclass
+class Plan:
+    segments: list[int]  # indexes into the real sample
+    snapshots: list[Snapshot]
+    steps: list[tuple[Any, ...]]  # ("merge", [i...]) | ("replay", [i...]) | ("backfill", low, high)
+    per_task: int
+    per_commit: int
+    open_tables: bool  # merges through one OpenTables, as the worker does, or fresh tables each time
+
+
+def _draw_plan(seed: int) -> Plan:
+    rng = random.Random(seed)
+    segments = rng.sample(range(2859), rng.randint(4, 8))
+    snapshots = _draw_snapshots(rng, len(segments))
+    count = len(snapshots)
+    order = list(range(count))
+    if rng.random() < 0.5:  # contiguous runs of time...
+        cuts = sorted(rng.sample(range(1, count), rng.randint(1, min(5, count - 1))))
+        batches = [order[a:b] for a, b in zip([0, *cuts], [*cuts, count], strict=True)]
+    else:  # ...or any partition
+        rng.shuffle(order)
+        parts = rng.randint(2, min(6, count))
+        batches = [order[i::parts] for i in range(parts)]
+    rng.shuffle(batches)
+    for batch in batches:
+        rng.shuffle(batch)  # merge_objects takes its objects in any order
+    steps: list[tuple[Any, ...]] = []
+    backfill_at = rng.randrange(len(batches) + 1)
+    for position, batch in enumerate(batches):
+        if position == backfill_at:
+            low = rng.randrange(count)
+            steps.append(("backfill", low, rng.randint(low + 1, count)))
+        steps.append(("merge", batch))
+        if rng.random() < 0.35:
+            merged = [i for step in steps if step[0] == "merge" for i in step[1]]
+            replay = (
+                rng.choice([b for b in batches[: position + 1]])
+                if rng.random() < 0.6
+                else rng.sample(merged, rng.randint(1, len(merged)))
+            )
+            steps.append(("replay", list(replay)))
+    if backfill_at == len(batches):
+        low = rng.randrange(count)
+        steps.append(("backfill", low, rng.randint(low + 1, count)))
+    return Plan(
+        segments=segments,
+        snapshots=snapshots,
+        steps=steps,
+        per_task=rng.choice([1, 2, lake.OBJECTS_PER_TASK]),
+        per_commit=rng.choice([1, 3, lake.OBJECTS_PER_COMMIT]),
+        open_tables=rng.random() < 0.5,
+    )
+
+
+def _step_text(lake_: Lake, step: tuple[Any, ...]) -> str:
+    if step[0] == "backfill":
+        _, low, high = step
+        return f"backfill snapshots [{low}, {high}) = minutes {[lake_.snapshots[i].minute for i in range(low, high)]}"
+    return f"{step[0]} snapshots {step[1]} = minutes {[lake_.snapshots[i].minute for i in step[1]]}"
+
+
+@pytest.mark.parametrize("seed", _seeds())
+def test_random_history_merged_in_any_order_batches_replays_and_backfill(
+    seed, s3_settings, sample_bytes, monkeypatch
+) -> None:
+    plan = _draw_plan(seed)
+    monkeypatch.setattr(lake, "OBJECTS_PER_TASK", plan.per_task)
+    monkeypatch.setattr(lake, "OBJECTS_PER_COMMIT", plan.per_commit)
+    world = Lake(s3_settings, _sample_records(sample_bytes, plan.segments), plan.snapshots, seed)
+    open_tables = lake.OpenTables(world.settings) if plan.open_tables else None
+    done: list[str] = []
+
+    def fail(problem: str) -> None:
+        pytest.fail(
+            f"seed {seed} (replay: {SEEDS_VARIABLE}={seed} .venv/bin/python -m pytest "
+            f"'{TEST_FILE}::test_random_history_merged_in_any_order_batches_replays_and_backfill[{seed}]')\n"
+            f"OBJECTS_PER_TASK={plan.per_task} OBJECTS_PER_COMMIT={plan.per_commit} "
+            f"tables={'one OpenTables' if plan.open_tables else 'fresh per merge'}\n"
+            f"{world.describe()}\nsteps:\n" + "\n".join(done) + f"\n{problem}",
+            pytrace=False,
+        )
+
+    for number, step in enumerate(plan.steps, 1):
+        done.append(f"  {number}. {_step_text(world, step)}")
+        try:
+            if step[0] == "backfill":
+                world.backfill(step[1], step[2])
+            else:
+                world.merge(step[1], open_tables.get() if open_tables else None)
+        except Exception as error:
+            fail(f"step {number} raised {type(error).__name__}: {error}")
+        problem = world.history_problems()
+        if problem:
+            fail(f"after step {number}: {problem}")
+    assert world.merged == set(range(len(plan.snapshots)))
+    for problem in (world.observation_problems(), world.pending() and f"still pending: {world.pending()}"):
+        if problem:
+            fail(problem)
+
+
+# --------------------------------------------------------------------------- a fixed history for races and crashes
+
+# Four real segments over eight snapshots, three minutes apart. s0 is renamed A -> B -> A -> C; s1's limit goes
+# A -> B -> A; s2 appears at +9 and changes hierarchy at +15; s3 is missing from +6 and +15 and turns into a
+# LineString at +12. One row is rejected at +3 and one at +18, so both writers below write rejected_records.
+FIXED_SEGMENTS = [0, 1, 2, 3]
+FIXED_NAMES = [0, 0, 1, 1, 0, 0, 2, 2]
+FIXED_LIMITS = [0, 0, 0, 1, 1, 0, 0, 0]
+FIXED_REJECTED = {1: frozenset({1}), 6: frozenset({3})}
+
+
+def _fixed_snapshots() -> list[Snapshot]:
+    snapshots = []
+    for position in range(8):
+        states = {
+            0: State(name=FIXED_NAMES[position]),
+            1: State(limit=FIXED_LIMITS[position]),
+            2: State(hierarchy=2 if position >= 5 else 0),
+            3: State(geometry=int(position >= 4)),
+        }
+        if position < 3:
+            del states[2]
+        if position in (2, 5):
+            del states[3]
+        snapshots.append(Snapshot(3 * position, states, FIXED_REJECTED.get(position, frozenset())))
+    return snapshots
+
+
+def _fixed_lake(settings: Settings, sample_bytes: bytes) -> Lake:
+    return Lake(settings, _sample_records(sample_bytes, FIXED_SEGMENTS), _fixed_snapshots(), seed=0)
+
+
+WRITES = (lake.OBSERVATIONS, lake.SEGMENTS, lake.REJECTED, lake.MERGE_LOG)
+POINTS = [(when, what) for what in WRITES for when in ("before", "after")]
+POINT_IDS = [f"{when}-{what}" for when, what in POINTS]
+
+
+def _hook_commit(monkeypatch: pytest.MonkeyPatch, around: Callable[[str, str, Any], Iterator[None]]) -> None:
+    """Wrap `lake._commit`: the generator `around(what, table)` runs to its first `yield` before each table
+    write, and on to its second after it (so it can block or raise at either point)."""
+    original = lake._commit
+
+    def commit(table: Any, action: Callable[[], Any], what: str) -> Any:
+        steps = around(what, table)
+        next(steps, None)
+        result = original(table, action, what)
+        next(steps, None)
+        return result
+
+    monkeypatch.setattr(lake, "_commit", commit)
+
+
+def _assert_exact(world: Lake, context: str) -> None:
+    problems = [world.history_problems(), world.observation_problems()]
+    pending = world.pending()
+    if pending:
+        problems.append(f"still pending: {pending}")
+    problems = [problem for problem in problems if problem]
+    if problems:
+        pytest.fail(f"{context}\n{world.describe()}\n" + "\n".join(problems), pytrace=False)
+
+
+# --------------------------------------------------------------------------- 2. two writers racing
+
+# Batches that overlap in time (and share the snapshot at +15), each with segment changes.
+WRITER_BATCHES = {"A": [0, 2, 4, 5, 6], "B": [1, 3, 5, 7]}
+
+
+@pytest.mark.parametrize("paused", ["A", "B"])
+@pytest.mark.parametrize(("when", "what"), POINTS, ids=POINT_IDS)
+def test_two_writers_one_held_at_a_write_while_the_other_completes(
+    paused, when, what, s3_settings, sample_bytes, monkeypatch
+) -> None:
+    world = _fixed_lake(s3_settings, sample_bytes)
+    lake.ensure_tables(world.settings)  # create them, then two handles each at version 0, as two processes
+    tables = {name: lake.ensure_tables(world.settings) for name in WRITER_BATCHES}
+    other = "B" if paused == "A" else "A"
+    held, release = threading.Event(), threading.Event()
+
+    def around(name: str, table: Any) -> Iterator[None]:
+        mine = name == what and tables[paused].get(name) is table and not held.is_set()
+        if mine and when == "before":
+            held.set()
+            release.wait(120)
+        yield
+        if mine and when == "after":
+            held.set()
+            release.wait(120)
+        yield
+
+    _hook_commit(monkeypatch, around)
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            world.merge(WRITER_BATCHES[name], tables[name])
+        except BaseException as error:
+            errors[name] = error
+        finally:
+            if name == paused:
+                held.set()  # never left waiting for a point this merge did not reach
+
+    thread = threading.Thread(target=run, args=(paused,), name=f"writer-{paused}")
+    thread.start()
+    try:
+        assert held.wait(120), f"writer {paused} never reached {when} {what}"
+        assert thread.is_alive(), f"writer {paused} ended without reaching {when} {what} (has the hook moved?)"
+        run(other)  # runs to completion while the paused one waits
+    finally:
+        release.set()
+        thread.join(180)
+    assert not thread.is_alive(), f"writer {paused} did not finish"
+    context = f"writer {paused} held {when} its {what} write while writer {other} merged; batches {WRITER_BATCHES}"
+    assert not errors, f"{context}: {errors!r}"
+    _assert_exact(world, context)
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_two_writers_one_after_the_other(first, s3_settings, sample_bytes) -> None:
+    """The control of the race above: the same two batches, merged one after the other."""
+    world = _fixed_lake(s3_settings, sample_bytes)
+    order = [first, "B" if first == "A" else "A"]
+    for name in order:
+        world.merge(WRITER_BATCHES[name])
+    _assert_exact(world, f"writers {order} one after the other; batches {WRITER_BATCHES}")
+
+
+# --------------------------------------------------------------------------- 3. crash and rerun
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+# What is merged cleanly first, then what the crashing merge takes (its rerun: merge_pending).
+CRASH_SCENARIOS = {
+    "newer": ([0, 1, 2, 3], [4, 5, 6, 7]),  # the usual case: the next snapshots
+    "between": ([0, 2, 4, 6], [1, 3, 5, 7]),  # snapshots between merged ones (landed late, a backfill)
+}
+
+
+@pytest.mark.parametrize("scenario", list(CRASH_SCENARIOS))
+@pytest.mark.parametrize(("when", "what"), POINTS, ids=POINT_IDS)
+def test_crash_at_a_write_then_rerun(scenario, when, what, s3_settings, sample_bytes, monkeypatch) -> None:
+    world = _fixed_lake(s3_settings, sample_bytes)
+    clean, crashing = CRASH_SCENARIOS[scenario]
+    world.merge(clean)
+    context = f"merged {clean}, then a merge of {crashing} crashed {when} its {what} write, then merge_pending"
+    problem = world.history_problems()
+    assert problem is None, f"before the crash: {problem}"
+
+    crashed = threading.Event()
+
+    def around(name: str, table: Any) -> Iterator[None]:
+        mine = name == what and not crashed.is_set()
+        if mine and when == "before":
+            crashed.set()
+            raise InjectedCrash(context)
+        yield
+        if mine and when == "after":
+            crashed.set()
+            raise InjectedCrash(context)
+        yield
+
+    with monkeypatch.context() as patch:
+        _hook_commit(patch, around)
+        with pytest.raises(InjectedCrash):
+            lake.merge_objects(world.settings, world.objects_of(crashing), world.s3)
+    world.merge_pending()
+    _assert_exact(world, context)
