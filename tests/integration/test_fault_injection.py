@@ -1,0 +1,566 @@
+"""Fault injection (issue 11): whatever S3, a crash, a race, a backfill or bad input does to a merge, the lake
+ends holding exactly what the good input gives.
+
+Every scenario ends with the same checks (`assert_lake_holds`), against `tests/support/reference.py`:
+traffic_observations holds the distinct (segment, minute) of the good input, road_segments the segment
+versions computed from the good snapshots, nothing landed is pending, every bad body is in quarantine/
+with its reason in the object's metadata, and bad rows are in rejected_records with theirs.
+
+1. S3 cut by a proxy at each request of a merge (and the answer to each write lost, and S3 gone for
+   good from each write on, through the CLI), then a normal merge.
+2. SIGKILL of `trafficwatch merge` at each of its S3 requests, then a rerun.
+3. Two concurrent `trafficwatch merge` on a fresh lake and on one with history, segments changing.
+4. Backfill of older snapshots (other segment attributes) under newer merged ones; a replay.
+5. Poison objects put straight under raw/, merged with good ones, one by one and all together.
+6. The same poisons as API answers: the ingest refuses them with one line and keeps raw/ unchanged.
+
+Snapshots are 40 records of the real sample (tests/support/faultdata.py), so that a merge through the
+proxy takes well under a second and every request of it can be tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import requests
+
+from tests.conftest import SAMPLE
+from tests.support import faultdata, reference
+from tests.support.faultdata import Poison, Snapshot
+from tests.support.rawfeed import RawFeed
+from tests.support.s3proxy import CUT, DROP_RESPONSE, HOOK, WRITES, S3Proxy
+from trafficwatch import lake, storage
+from trafficwatch.config import Settings, load_settings
+from trafficwatch.feed import FeedConfig, start_in_thread
+from trafficwatch.landing import IngestError, ingest
+from trafficwatch.source import EXPORTS_PATH
+
+pytestmark = pytest.mark.integration
+
+TRAFFICWATCH = str(Path(sys.executable).parent / "trafficwatch")
+# Columns that differ between two runs by design (when they ran), left out of "nothing changed".
+RUN_TIME_COLUMNS = {"merged_at", "rejected_at", "batch_id", "observations_version", "segments_version"}
+# Upper bounds of the S3 requests (and writes) of the merge the proxy tests interrupt: the tests are
+# parametrized up to these, and test_the_proxy_tests_reach_every_request_of_a_merge fails when a merge
+# makes more (raise them then).
+MAX_MERGE_REQUESTS = 56
+MAX_MERGE_WRITES = 12
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+# --------------------------------------------------------------------------- settings, buckets, landing
+
+
+@pytest.fixture
+def settings(s3_settings: Settings) -> Settings:
+    """A fresh bucket; small snapshots are whole snapshots here (min_records below their 40 records)."""
+    return dataclasses.replace(s3_settings, min_records=faultdata.MIN_RECORDS)
+
+
+def s3_client(settings: Settings) -> Any:
+    return storage.s3_client(settings)
+
+
+def new_bucket(settings: Settings) -> Settings:
+    bucket = f"tw-fi-{uuid.uuid4().hex[:12]}"
+    s3_client(settings).create_bucket(Bucket=bucket)
+    return dataclasses.replace(settings, bucket=bucket)
+
+
+def put(settings: Settings, key: str, body: bytes) -> None:
+    """Put an object as it is (no ingest, no check): how bad objects reach raw/."""
+    s3_client(settings).put_object(Bucket=settings.bucket, Key=key, Body=body)
+
+
+def land(settings: Settings, snapshots: list[Snapshot]) -> None:
+    for snapshot in snapshots:
+        put(settings, snapshot.key, snapshot.stored)
+
+
+def copy_bucket(settings: Settings, source: str) -> None:
+    """Server-side copy of every object of `source` into the settings' bucket (a lake is relative paths)."""
+    s3 = s3_client(settings)
+    keys = storage.list_keys(s3, source, "")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        copies = pool.map(
+            lambda key: s3.copy_object(Bucket=settings.bucket, Key=key, CopySource={"Bucket": source, "Key": key}),
+            keys,
+        )
+        list(copies)
+
+
+def objects(settings: Settings, prefix: str) -> dict[str, bytes]:
+    s3 = s3_client(settings)
+    return {
+        key: s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        for key in storage.list_keys(s3, settings.bucket, prefix)
+    }
+
+
+def through(settings: Settings, proxy: S3Proxy) -> Settings:
+    """The same settings, with boto3 and delta-rs talking to S3 through the proxy."""
+    return dataclasses.replace(settings, s3_endpoint_url=proxy.url)
+
+
+def cli_env(settings: Settings, endpoint: str | None = None) -> dict[str, str]:
+    """The environment of a `trafficwatch` subprocess for these settings (S3 reached at `endpoint`)."""
+    return {
+        **os.environ,
+        "AWS_ENDPOINT_URL": endpoint or settings.s3_endpoint_url or "",
+        "AWS_REGION": settings.aws_region,
+        "TRAFFICWATCH_BUCKET": settings.bucket,
+        "TRAFFICWATCH_HOME": str(settings.home),
+        "TRAFFICWATCH_MIN_RECORDS": str(settings.min_records),
+        "TRAFFICWATCH_API_URL": settings.api_url,
+    }
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a command printed on stderr besides its log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+
+
+def assert_clean_cli_output(run: subprocess.CompletedProcess[str], what: str) -> None:
+    """No traceback; a failure says why in one line."""
+    assert "Traceback" not in run.stderr, f"{what} printed a traceback:\n{run.stderr[-3000:]}"
+    lines = error_lines(run.stderr)
+    if run.returncode != 0:
+        assert len(lines) == 1, f"{what} failed (exit {run.returncode}) without one line of reason:\n{run.stderr}"
+    else:
+        assert lines == [], f"{what} succeeded but printed:\n{run.stderr}"
+
+
+# --------------------------------------------------------------------------- what the lake must hold
+
+
+def _sample(items: set[Any], limit: int = 5) -> list[Any]:
+    return sorted(items, key=repr)[:limit]
+
+
+def _as_set(versions: list[dict[str, Any]]) -> set[tuple[tuple[str, Any], ...]]:
+    return {tuple(sorted(version.items())) for version in versions}
+
+
+def assert_lake_holds(settings: Settings, good: list[bytes], poisons: list[Poison] = ()) -> None:
+    """The checks every scenario ends with.
+
+    `good`: the payloads whose rows must be in the lake (for a row-level poison, its `good_payload`);
+    `poisons`: the bad inputs, snapshot-level ones expected in quarantine/, row-level ones in
+    rejected_records, each with a reason matching its pattern.
+    """
+    tables = lake.ensure_tables(settings)
+    options = lake.storage_options(settings)
+    rows = lake.scan_table(tables[lake.OBSERVATIONS], options).select("segment_key", "measured_at").collect().rows()
+    found, expected = set(rows), reference.expected_observation_keys(good)
+    assert len(rows) == len(found), f"{len(rows) - len(found)} duplicate observations"
+    assert found == expected, (
+        f"observations: {len(found)} (segment, minute) keys, expected {len(expected)}; "
+        f"missing {_sample(expected - found)}, unexpected {_sample(found - expected)}"
+    )
+
+    actual_versions, expected_versions = reference.actual_versions(settings), reference.expected_versions(good)
+    if actual_versions != expected_versions:
+        have, want = _as_set(actual_versions), _as_set(expected_versions)
+        pytest.fail(
+            f"road_segments: {len(actual_versions)} versions, expected {len(expected_versions)}; "
+            f"missing {_sample(want - have, 3)}; unexpected {_sample(have - want, 3)}"
+        )
+
+    s3 = s3_client(settings)
+    pending = lake.pending_raw(settings, s3, tables)
+    assert pending == [], f"still pending: {[obj.key for obj in pending]}"
+
+    quarantined = quarantine_of(settings)
+    for poison in poisons:
+        if poison.snapshot_level:
+            candidates = {poison.stored, gunzip_or_none(poison.stored)}
+            reasons = [reason for body, reason in quarantined if body in candidates]
+            assert reasons, f"{poison.name}: {poison.key} is not in quarantine/ (it holds {len(quarantined)})"
+            assert all("\n" not in reason for reason in reasons), reasons
+            assert any(re.search(poison.reason, reason, re.IGNORECASE) for reason in reasons), (
+                f"{poison.name}: quarantined with reason {reasons!r}, expected /{poison.reason}/"
+            )
+    rejected = lake.scan_table(tables[lake.REJECTED], options).select("source_key", "record_index", "reason").collect()
+    expected_rejected = {(p.key, index) for p in poisons for index in p.bad_rows}
+    found_rejected = {(key, index) for key, index, _ in rejected.rows()}
+    assert found_rejected == expected_rejected, (
+        f"rejected_records: missing {_sample(expected_rejected - found_rejected)}, "
+        f"unexpected {_sample(found_rejected - expected_rejected)}"
+    )
+    for poison in poisons:
+        for key, index, reason in rejected.filter(pl.col("source_key") == poison.key).rows():
+            assert re.search(poison.reason, reason, re.IGNORECASE), (
+                f"{poison.name}: row {index} of {key} rejected with {reason!r}, expected /{poison.reason}/"
+            )
+
+
+def gunzip_or_none(data: bytes) -> bytes | None:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError):
+        return None
+
+
+def quarantine_of(settings: Settings) -> list[tuple[bytes | None, str]]:
+    """Every object under quarantine/: its body (ungzipped) and the reason in its metadata."""
+    s3 = s3_client(settings)
+    found = []
+    for key in storage.list_keys(s3, settings.bucket, "quarantine/"):
+        answer = s3.get_object(Bucket=settings.bucket, Key=key)
+        found.append((gunzip_or_none(answer["Body"].read()), answer["Metadata"].get("reason", "")))
+    return found
+
+
+def lake_state(settings: Settings) -> dict[str, Any]:
+    """Every table's version and rows (without run-time columns), and the quarantine's keys."""
+    state: dict[str, Any] = {}
+    options = lake.storage_options(settings)
+    for name, table in lake.ensure_tables(settings).items():
+        frame = lake.scan_table(table, options).collect()
+        frame = frame.drop([c for c in frame.columns if c in RUN_TIME_COLUMNS])
+        state[name] = (table.version(), frame.sort(frame.columns).rows())
+    state["quarantine/"] = sorted(storage.list_keys(s3_client(settings), settings.bucket, "quarantine/"))
+    return state
+
+
+def assert_merging_again_changes_nothing(settings: Settings) -> None:
+    before = lake_state(settings)
+    result = lake.merge_pending(settings)
+    assert (result.merged_objects, result.quarantined_objects) == (0, 0), result.summary()
+    after = lake_state(settings)
+    changed = [name for name in before if before[name] != after[name]]
+    assert not changed, f"merging again changed {changed}"
+
+
+# --------------------------------------------------------------------------- shared inputs
+
+# Built at import: the poisons parametrize tests.
+SAMPLE_BYTES = gzip.decompress(SAMPLE.read_bytes())
+POISONS = {poison.name: poison for poison in faultdata.poisons(SAMPLE_BYTES)}
+
+
+@pytest.fixture(scope="module")
+def good() -> list[Snapshot]:
+    return faultdata.good_snapshots(SAMPLE_BYTES)
+
+
+@pytest.fixture(scope="module")
+def module_settings(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for the module's own buckets (templates, request counts), as `settings` would give."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", s3_server)
+        env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("TRAFFICWATCH_HOME", str(tmp_path_factory.mktemp("fault-home")))
+        env.setenv("TRAFFICWATCH_MIN_RECORDS", str(faultdata.MIN_RECORDS))
+        return load_settings()
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_server: str) -> Iterator[S3Proxy]:
+    with S3Proxy(s3_server) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def template(module_settings: Settings, good: list[Snapshot]) -> str:
+    """A bucket where the first good snapshot is merged and the two others (segment changes) are landed:
+    the merge that the proxy tests interrupt. Tests copy it into their own bucket."""
+    settings = new_bucket(module_settings)
+    land(settings, good[:1])
+    lake.merge_pending(settings)
+    land(settings, good[1:])
+    return settings.bucket
+
+
+def from_template(settings: Settings, template: str) -> None:
+    copy_bucket(settings, template)
+
+
+@pytest.fixture(scope="module")
+def merge_requests(module_settings: Settings, template: str, proxy: S3Proxy) -> dict[str, int]:
+    """Count mode: the S3 requests and writes of the template's pending merge, in this process."""
+    settings = new_bucket(module_settings)
+    from_template(settings, template)
+    proxy.arm(10**9)
+    lake.merge_pending(through(settings, proxy))
+    seen = proxy.seen
+    proxy.reset()
+    return {"requests": len(seen), "writes": sum(1 for request in seen if request.method in WRITES)}
+
+
+@pytest.fixture(scope="module")
+def cli_merge_requests(module_settings: Settings, template: str, proxy: S3Proxy) -> int:
+    """Count mode: the S3 requests of `trafficwatch merge` on the template's pending snapshots."""
+    settings = new_bucket(module_settings)
+    from_template(settings, template)
+    proxy.arm(10**9)
+    run = subprocess.run(
+        [TRAFFICWATCH, "merge"], env=cli_env(settings, proxy.url), capture_output=True, text=True, timeout=120
+    )
+    count = proxy.requests
+    proxy.reset()
+    assert run.returncode == 0, run.stderr
+    return count
+
+
+def test_the_proxy_tests_reach_every_request_of_a_merge(merge_requests, cli_merge_requests) -> None:
+    assert merge_requests["requests"] <= MAX_MERGE_REQUESTS, merge_requests
+    assert cli_merge_requests <= MAX_MERGE_REQUESTS, cli_merge_requests
+    assert merge_requests["writes"] <= MAX_MERGE_WRITES, merge_requests
+
+
+# --------------------------------------------------------------------------- 1. S3 cut by a proxy
+
+
+def _merge_ignoring_failure(settings: Settings) -> BaseException | None:
+    try:
+        lake.merge_pending(settings)
+    except Exception as error:  # a merge may fail when S3 does: what matters is what the next one leaves
+        return error
+    return None
+
+
+@pytest.mark.parametrize("at", range(1, MAX_MERGE_REQUESTS + 1), ids=lambda n: f"request-{n}")
+def test_s3_cut_at_each_request_of_a_merge(at, settings, good, template, proxy, merge_requests) -> None:
+    if at > merge_requests["requests"]:
+        pytest.skip("the merge makes fewer requests")
+    from_template(settings, template)
+    proxy.arm(at, CUT)
+    _merge_ignoring_failure(through(settings, proxy))
+    assert proxy.fired
+    proxy.reset()
+    lake.merge_pending(settings)
+    assert_lake_holds(settings, [snapshot.payload for snapshot in good])
+
+
+@pytest.mark.parametrize("at", range(1, MAX_MERGE_WRITES + 1), ids=lambda n: f"write-{n}")
+def test_s3_write_done_but_its_answer_lost(at, settings, good, template, proxy, merge_requests) -> None:
+    """The server did the write (a data file, a commit), the merge never heard back: it may retry it."""
+    if at > merge_requests["writes"]:
+        pytest.skip("the merge makes fewer writes")
+    from_template(settings, template)
+    proxy.arm(at, DROP_RESPONSE, methods=WRITES)
+    _merge_ignoring_failure(through(settings, proxy))
+    assert proxy.fired
+    proxy.reset()
+    lake.merge_pending(settings)
+    assert_lake_holds(settings, [snapshot.payload for snapshot in good])
+
+
+@pytest.mark.parametrize("at", range(1, MAX_MERGE_WRITES + 1), ids=lambda n: f"write-{n}")
+def test_s3_gone_from_a_write_on_fails_the_cli_merge_in_one_line(
+    at, settings, good, template, proxy, merge_requests
+) -> None:
+    if at > merge_requests["writes"]:
+        pytest.skip("the merge makes fewer writes")
+    from_template(settings, template)
+    proxy.arm(at, CUT, methods=WRITES, lasting=True)
+    run = subprocess.run(
+        [TRAFFICWATCH, "merge"], env=cli_env(settings, proxy.url), capture_output=True, text=True, timeout=300
+    )
+    assert proxy.fired
+    proxy.reset()
+    assert_clean_cli_output(run, "trafficwatch merge with S3 gone")
+    lake.merge_pending(settings)
+    assert_lake_holds(settings, [snapshot.payload for snapshot in good])
+
+
+# --------------------------------------------------------------------------- 2. SIGKILL at each request
+
+
+@pytest.mark.parametrize("at", range(1, MAX_MERGE_REQUESTS + 1), ids=lambda n: f"request-{n}")
+def test_sigkill_at_each_request_of_a_cli_merge(at, settings, good, template, proxy, cli_merge_requests) -> None:
+    if at > cli_merge_requests:
+        pytest.skip("the merge makes fewer requests")
+    from_template(settings, template)
+    started = threading.Event()
+    merge: list[subprocess.Popen[bytes]] = []
+
+    def kill() -> None:  # in the proxy, before request `at` goes out
+        started.wait(30)
+        os.kill(merge[0].pid, signal.SIGKILL)
+
+    proxy.arm(at, HOOK, hook=kill)
+    merge.append(subprocess.Popen([TRAFFICWATCH, "merge"], env=cli_env(settings, proxy.url), stderr=subprocess.PIPE))
+    started.set()
+    _, stderr = merge[0].communicate(timeout=120)
+    assert proxy.fired, f"the merge ended before request {at}: {stderr.decode()[-2000:]}"
+    assert merge[0].returncode == -signal.SIGKILL
+    proxy.reset()
+    lake.merge_pending(settings)
+    assert_lake_holds(settings, [snapshot.payload for snapshot in good])
+
+
+# --------------------------------------------------------------------------- 3. two concurrent merges
+
+
+def _more_snapshots() -> list[Snapshot]:
+    """Six more snapshots after the good ones, segments changing on the way (a new version, and back)."""
+    records = faultdata.base_records(SAMPLE_BYTES)
+    renamed = {5: {"denomination": faultdata.RENAMED_ROAD}}
+    changes = [renamed, renamed, {**renamed, 9: {"hierarchie": "Réseau national"}}, renamed, {}, {}]
+    return [faultdata.snapshot_at(records, 9 + 3 * i, change) for i, change in enumerate(changes)]
+
+
+@pytest.mark.parametrize("lake_kind", ["fresh lake", "lake with history"])
+def test_two_concurrent_cli_merges(lake_kind, settings, good, template) -> None:
+    inputs = good + _more_snapshots()
+    if lake_kind == "fresh lake":
+        land(settings, inputs)
+    else:
+        from_template(settings, template)
+        land(settings, inputs[len(good) :])
+    env = cli_env(settings)
+    runs = [
+        subprocess.Popen([TRAFFICWATCH, "merge"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert_clean_cli_output(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), "merge")
+        assert run.returncode == 0
+    assert_lake_holds(settings, [snapshot.payload for snapshot in inputs])
+    assert_merging_again_changes_nothing(settings)
+
+
+# --------------------------------------------------------------------------- 4. backfill over segment changes
+
+
+def test_backfill_of_older_snapshots_with_other_segment_attributes_then_a_replay(settings) -> None:
+    records = faultdata.base_records(SAMPLE_BYTES)
+    newer = [faultdata.snapshot_at(records, 20), faultdata.snapshot_at(records, 30)]
+    land(settings, newer)
+    lake.merge_pending(settings)
+    older = [
+        faultdata.snapshot_at(records, 0, {5: {"denomination": "Ancien nom"}, 6: {"vitesse_maxi": 90}}),
+        faultdata.snapshot_at(records, 10, {5: {"denomination": "Ancien nom"}}),
+        faultdata.snapshot_at(records, 25, {7: {"sens_circule": None}, 8: {"insee": 35051}}),  # between the merged
+    ]
+    land(settings, older)
+    result = lake.backfill(settings, faultdata.moment(0), faultdata.moment(25) + timedelta(minutes=1))
+    assert result.merged_objects == 4  # the three older ones and the replayed 20-minute one
+    everything = [snapshot.payload for snapshot in older + newer]
+    assert_lake_holds(settings, everything)
+
+    before = lake_state(settings)
+    replay = lake.backfill(settings, faultdata.moment(0), faultdata.moment(30) + timedelta(minutes=1))
+    assert replay.merged_objects == 5
+    after = lake_state(settings)
+    assert [name for name in before if before[name] != after[name]] == [], "a replay changed the lake"
+    assert_lake_holds(settings, everything)
+    assert_merging_again_changes_nothing(settings)
+
+
+# --------------------------------------------------------------------------- 5. poison objects under raw/
+
+
+def good_input(snapshots: list[Snapshot], poisons: list[Poison]) -> list[bytes]:
+    """The payloads whose rows must be merged: the good snapshots and the good rows of row-level poisons."""
+    return [snapshot.payload for snapshot in snapshots] + [p.good_payload for p in poisons if p.good_payload]
+
+
+@pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
+def test_poison_object_under_raw_with_good_ones(poison, settings, good, template) -> None:
+    from_template(settings, template)  # one good snapshot merged, two pending
+    put(settings, poison.key, poison.stored)
+    lake.merge_pending(settings)
+    assert_lake_holds(settings, good_input(good, [poison]), [poison])
+    assert_merging_again_changes_nothing(settings)
+
+
+def test_every_poison_at_once_through_the_cli_then_merge_and_backfill_again(settings, good) -> None:
+    poisons = list(POISONS.values())
+    land(settings, good)
+    for poison in poisons:
+        put(settings, poison.key, poison.stored)
+    env = cli_env(settings)
+    merge = subprocess.run([TRAFFICWATCH, "merge"], env=env, capture_output=True, text=True, timeout=300)
+    assert_clean_cli_output(merge, "trafficwatch merge")
+    assert merge.returncode == 0
+    assert_lake_holds(settings, good_input(good, poisons), poisons)
+
+    before = lake_state(settings)
+    again = subprocess.run([TRAFFICWATCH, "merge"], env=env, capture_output=True, text=True, timeout=300)
+    assert_clean_cli_output(again, "trafficwatch merge, again")
+    backfill = subprocess.run(
+        [TRAFFICWATCH, "backfill", "--start", "2024-08-26", "--end", "2024-08-27"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_clean_cli_output(backfill, "trafficwatch backfill over the poisons' day")
+    assert (again.returncode, backfill.returncode) == (0, 0)
+    after = lake_state(settings)
+    assert [name for name in before if before[name] != after[name]] == [], "merging again changed the lake"
+    assert_lake_holds(settings, good_input(good, poisons), poisons)
+
+
+# --------------------------------------------------------------------------- 6. crafted answers to the ingest
+
+# The feed parses its files and renders them again: it cannot send bytes that are not UTF-8, nor nesting
+# deeper than Python's JSON parser goes. Those are sent byte for byte by RawFeed.
+FEED_CANNOT_SEND = {"latin1", "nested"}
+ANSWERS = {name: poison for name, poison in POISONS.items() if poison.snapshot_level and poison.payload}
+
+
+def _serve(poison: Poison, first: bytes, tmp_path: Path) -> Any:
+    """A server answering `first`, then (after `advance()`) the poison; use it as a context manager."""
+    if poison.name in FEED_CANNOT_SEND:
+        return RawFeed([first, poison.payload])
+    files = (tmp_path / "first.json", tmp_path / f"{poison.name}.json")
+    files[0].write_bytes(first)
+    files[1].write_bytes(poison.payload)
+    return contextlib.closing(start_in_thread(FeedConfig(port=0, files=files, speed=1e-6)))
+
+
+@pytest.mark.parametrize("poison", ANSWERS.values(), ids=ANSWERS.keys())
+def test_poison_answer_is_refused_in_one_line_and_kept_in_quarantine(poison, settings, good, tmp_path) -> None:
+    with _serve(poison, good[0].payload, tmp_path) as server:
+        fetching = dataclasses.replace(settings, api_url=server.url)
+        assert ingest(fetching).status == "landed"
+        landed = objects(settings, "raw/")
+        server.advance()
+        answer = requests.get(server.url + EXPORTS_PATH, timeout=10).content  # what the ingest will get
+        with pytest.raises(IngestError) as caught:
+            ingest(fetching)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.search(poison.reason, message, re.IGNORECASE), message
+    assert objects(settings, "raw/") == landed  # nothing landed, nothing changed
+    quarantined = quarantine_of(settings)
+    assert [body for body, _ in quarantined] == [answer], "the answer is not in quarantine/, alone"
+    assert re.search(poison.reason, quarantined[0][1], re.IGNORECASE), quarantined[0][1]
+
+
+@pytest.mark.parametrize("name", ["year-2030", "drift-speed"])
+def test_cli_ingest_refuses_a_future_or_drifted_answer_in_one_line(name, settings, good, tmp_path) -> None:
+    poison = POISONS[name]
+    with _serve(poison, good[0].payload, tmp_path) as server:
+        fetching = dataclasses.replace(settings, api_url=server.url)
+        assert ingest(fetching).status == "landed"
+        landed = objects(settings, "raw/")
+        server.advance()
+        run = subprocess.run(
+            [TRAFFICWATCH, "ingest"], env=cli_env(fetching), capture_output=True, text=True, timeout=120
+        )
+    assert_clean_cli_output(run, "trafficwatch ingest")
+    assert run.returncode == 1
+    assert re.search(poison.reason, run.stderr, re.IGNORECASE), run.stderr
+    assert objects(settings, "raw/") == landed
