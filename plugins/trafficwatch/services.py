@@ -9,8 +9,12 @@ children behind on a plain SIGTERM), with its pid in `<home>/run/NAME.pid` and i
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
+import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +39,10 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 60.0
+    # Called just before the process starts (never while it runs): e.g. fresh credentials for it.
+    prepare: Callable[[], None] | None = None
+    # The process's umask; -1 keeps the caller's.
+    umask: int = -1
 
 
 def venv_bin(name: str) -> str:
@@ -83,13 +91,21 @@ def free_s3_port() -> int:
 
 
 def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
-    """SeaweedFS `weed mini`: S3 on `port`; its other services take the next five ports and each + 10000."""
+    """SeaweedFS `weed mini`: S3 on `port`, keys required; nothing else serves or takes data without credentials.
+
+    Its other servers take the next four ports and each + 10000 (gRPC). The master's and filer's HTTP APIs
+    are off (`-disableHttp`: the master answers only its status page), so are WebDAV, the admin UI, the IAM
+    API and the Iceberg and Lance catalogs; the volume server wants a JWT signed with a key of this start for
+    every read and write, and every gRPC port (and its Unix socket in /tmp) a client certificate from a CA
+    made for this start: see `write_seaweedfs_security`. Its files and sockets are the owner's only (umask).
+    """
     endpoint = f"http://127.0.0.1:{port}"
+    security_dir = data_dir.with_name(f"{data_dir.name}-security")
     command = [
-        venv_bin("weed"), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", f"-bucket={bucket}", f"-s3.port={port}", f"-master.port={port + 1}",
-        f"-filer.port={port + 2}", f"-volume.port={port + 3}", f"-admin.port={port + 4}",
-        f"-webdav.port={port + 5}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        venv_bin("weed"), f"-config_dir={security_dir}", "mini", f"-dir={data_dir}", "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-bucket={bucket}", f"-s3.port={port}",
+        f"-master.port={port + 1}", f"-filer.port={port + 2}", f"-volume.port={port + 3}", f"-admin.port={port + 4}",
+        "-disableHttp", "-webdav=false", "-admin.ui=false", "-s3.iam=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
 
     def ready() -> bool:
@@ -101,8 +117,97 @@ def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
             return False
         return True
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return Service("s3", command, ready, endpoint)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    return Service("s3", command, ready, endpoint, prepare=lambda: write_seaweedfs_security(security_dir), umask=0o077)
+
+
+def write_private(path: Path, content: bytes | str) -> None:
+    """Write a file that only its owner may read, from its first byte: a new file created 0600 (whatever the
+    umask) and renamed over the old one, so an older file's wider mode never applies."""
+    data = content.encode() if isinstance(content, str) else content
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_seaweedfs_security(directory: Path) -> Path:
+    """SeaweedFS's security.toml for one start, in `directory` (mode 700, files 600); returns its path.
+
+    Fresh random keys sign the JWTs that the volume server requires for every read and write (the master's
+    and filer's HTTP APIs, which would hand them out, are off), and the filer's (were its HTTP API on). A
+    fresh CA signs one certificate that SeaweedFS's own components present to each other on gRPC (mutual TLS,
+    host names not checked); the CA's key is never written, so no other certificate can be made for it.
+    docker-compose.yml writes the s3 container's with `python -m trafficwatch.services DIRECTORY`.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TrafficWatch SeaweedFS CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    node_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seaweedfs")]))
+        .issuer_name(ca_name)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {
+        "ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
+        "seaweedfs.crt": node_cert.public_bytes(serialization.Encoding.PEM),
+        "seaweedfs.key": node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+    for name, content in files.items():
+        write_private(directory / name, content)
+
+    def toml(value: str) -> str:
+        return json.dumps(value)  # a JSON string is a TOML basic string
+
+    cert, key = toml(str(directory / "seaweedfs.crt")), toml(str(directory / "seaweedfs.key"))
+    lines = ["# Written by trafficwatch.services.write_seaweedfs_security at each start; never edit.", ""]
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f"key = {toml(secrets.token_hex(32))}", "expires_after_seconds = 10", ""]
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
+    lines += ["[grpc]", f"ca = {toml(str(directory / 'ca.crt'))}", ""]
+    for component in ("master", "volume", "filer", "s3", "admin", "worker", "client"):
+        lines += [f"[grpc.{component}]", f"cert = {cert}", f"key = {key}", ""]
+    path = directory / "security.toml"
+    write_private(path, "\n".join(lines))
+    return path
 
 
 def feed(port: int, args: list[str]) -> Service:
@@ -174,6 +279,8 @@ def start(service: Service, home: Path) -> int:
     pid = running_pid(home, service.name)
     if pid is not None:
         return pid
+    if service.prepare is not None:
+        service.prepare()
     log_path = home / "logs" / f"{service.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _pid_file(home, service.name).parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +292,7 @@ def start(service: Service, home: Path) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={**os.environ, **service.env},
+            umask=service.umask,
         )
     _pid_file(home, service.name).write_text(str(process.pid))
     deadline = time.monotonic() + service.start_timeout_s
@@ -217,3 +325,7 @@ def stop(home: Path, name: str, timeout_s: float = 20.0) -> bool:
         time.sleep(0.2)
     os.killpg(pid, signal.SIGKILL)
     return True
+
+
+if __name__ == "__main__":  # docker-compose.yml's s3-security service: the s3 container's security.toml
+    print(write_seaweedfs_security(Path(sys.argv[1])))
