@@ -39,12 +39,13 @@ from typing import Any
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, Transaction, write_deltalake
+from deltalake import Field as DeltaField
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
 from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of, quarantine
-from trafficwatch.source import SourceError, normalize_payload
+from trafficwatch.source import SnapshotRules, SourceError, check_plausible, normalize_payload
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ LON_RANGE = (-2.5, -1.0)
 LAT_RANGE = (47.7, 48.5)
 GEOMETRY_TYPES = ("LineString", "MultiLineString")
 GEOMETRY_TYPE = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')  # from the GeoJSON text
+# The shape of the compact GeoJSON text the source writes: lines of at least two points of two (or three)
+# JSON numbers. NaN, Infinity or null in place of a number do not match.
+_NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
+_POSITION = rf"\[{_NUMBER},{_NUMBER}(?:,{_NUMBER})?\]"
+_LINE = rf"\[{_POSITION}(?:,{_POSITION})+\]"
+_LINES = rf'LineString","coordinates":{_LINE}|MultiLineString","coordinates":\[{_LINE}(?:,{_LINE})*\]'
+GEOMETRY_SHAPE = rf'^\{{"type":"(?:{_LINES})\}}$'
+_FIRST_POSITION = rf'^\{{"type":"\w+","coordinates":\[+({_NUMBER}),({_NUMBER})'
+_LAST_POSITION = rf"\[({_NUMBER}),({_NUMBER})[^\[\]]*\]+\}}$"
+# How far a line's ends may lie from the record's point: 1.65 km in the real network (2024 sample).
+MAX_POINT_TO_LINE_M = 5_000.0
 COMMIT_ATTEMPTS = 5
 # After every commit delta-rs would list the whole _delta_log to delete expired entries (1,600 files with a
 # 24 h log retention: a cost that grows with the log). Merges leave that to lake_maintenance (hourly);
@@ -82,6 +94,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "reliability_pct": pl.Int32(),
         "traffic_status": pl.String(),
         "probe_count": pl.Int32(),
+        "attributes_hash": pl.String(),  # the point's segment attributes: versions are recomputed from these
         "source_key": pl.String(),
         "landed_at": UTC_US,
         "merged_at": UTC_US,
@@ -180,7 +193,7 @@ def table_properties(settings: Settings) -> dict[str, str]:
 def _open_table(settings: Settings, name: str) -> DeltaTable:
     uri, options = table_uri(settings, name), storage_options(settings)
     try:
-        return DeltaTable(uri, storage_options=options)
+        return _with_new_columns(DeltaTable(uri, storage_options=options), name)
     except TableNotFoundError:
         try:
             return DeltaTable.create(
@@ -194,6 +207,17 @@ def _open_table(settings: Settings, name: str) -> DeltaTable:
             )
         except CommitFailedError:  # another process created it first
             return DeltaTable(uri, storage_options=options)
+
+
+def _with_new_columns(table: DeltaTable, name: str) -> DeltaTable:
+    """Add the columns a newer TrafficWatch writes to a table created by an older one (null in old rows)."""
+    held = {field.name for field in table.schema().fields}
+    missing = [column for column in SCHEMAS[name] if column not in held]
+    if missing:
+        fields = empty_frame(name).select(missing).to_arrow().schema
+        table.alter.add_columns([DeltaField.from_arrow(field) for field in fields])
+        log.info("%s: added columns %s", name, ", ".join(missing))
+    return table
 
 
 def ensure_tables(settings: Settings, names: Iterable[str] = tuple(SCHEMAS)) -> dict[str, DeltaTable]:
@@ -361,7 +385,7 @@ class ObjectCounts:
     """What one raw object gave: its records, accepted, rejected and duplicate rows (all 0 if unreadable)."""
 
     obj: RawObject
-    measured_at: datetime
+    measured_at: datetime | None  # None: the key names no snapshot time
     records: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -374,9 +398,10 @@ class ObjectCounts:
 class Prepared:
     """Raw objects read, validated and deduplicated, ready to merge.
 
-    `observations`: accepted rows with the observation columns (not yet `merged_at`). `versions`: the
-    segment attributes of accepted rows, keeping per segment only the rows where they differ from its
-    previous row in these objects (a day of snapshots holds the same geometry 1,440 times).
+    `observations`: accepted rows with the observation columns (not yet `merged_at` and `attributes_hash`)
+    and `fingerprint`, a fast in-process hash of the segment's attributes. `versions`: the segment
+    attributes of accepted rows, keeping per segment only the rows where they differ from its previous row
+    in these objects (a day of snapshots holds the same geometry 1,440 times), with the same `fingerprint`.
     """
 
     observations: pl.DataFrame
@@ -385,7 +410,9 @@ class Prepared:
     counts: list[ObjectCounts]
 
 
-VERSION_COLUMNS = ("segment_key", "measured_at", "source_key", *SEGMENT_ATTRIBUTES, "geometry_type")
+VERSION_COLUMNS = ("segment_key", "measured_at", "source_key", *SEGMENT_ATTRIBUTES, "geometry_type", "fingerprint")
+PREPARED_COLUMNS = [c for c in SCHEMAS[OBSERVATIONS] if c not in ("merged_at", "attributes_hash")] + ["fingerprint"]
+FINGERPRINT = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()  # stable within one polars version, never stored
 OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minutes, so versions collapse
 # Smaller batches are prepared in this process. A spawned worker costs 1-5 s to start (under Airflow it
 # imports Airflow again), ~20 s of parsing here pays for that many times over.
@@ -409,52 +436,81 @@ def _download(s3: Any, bucket: str, obj: RawObject) -> bytes:
     return s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
 
 
-def _collapse_versions(versions: pl.DataFrame) -> pl.DataFrame:
-    """Per segment, in time order, drop rows whose attributes equal the previous row's."""
+def _collapse_versions(versions: pl.DataFrame, by: str = "fingerprint") -> pl.DataFrame:
+    """Per segment, in time order, drop rows whose attributes (their `by` hash) equal the previous row's."""
     if versions["segment_key"].n_unique() == versions.height:  # one snapshot: nothing to collapse
         return versions
     versions = versions.sort(["segment_key", "measured_at"])
-    fingerprint = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()
-    return versions.filter(fingerprint.ne_missing(fingerprint.shift(1).over("segment_key")))
+    return versions.filter(pl.col(by).ne_missing(pl.col(by).shift(1).over("segment_key")))
 
 
-def prepare(s3: Any, bucket: str, objects: list[RawObject]) -> Prepared:
-    """Download, gunzip, normalize, validate and deduplicate raw objects; the CPU-heavy half of a merge."""
+def key_time(key: str) -> datetime | None:
+    """The snapshot time a raw key names, or None when it names none."""
+    try:
+        return measured_at_of(key)
+    except ValueError:
+        return None
+
+
+def _read_object(obj: RawObject, compressed: bytes, rules: SnapshotRules) -> tuple[datetime, pl.DataFrame]:
+    """One raw object as a normalized frame, or SourceError (with the body to keep) saying why it cannot be."""
+    keyed_at = key_time(obj.key)
+    if keyed_at is None:
+        raise SourceError(f"{obj.key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ.json.gz)")
+    try:
+        body = gunzip(compressed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"not a gzip file: {exc}") from None
+    snapshot = normalize_payload(body)
+    if snapshot.measured_at != keyed_at:
+        raise SourceError(
+            f"the key says {keyed_at:%Y-%m-%dT%H:%M:%SZ} but the snapshot's datetime is "
+            f"{snapshot.measured_at:%Y-%m-%dT%H:%M:%SZ}",
+            body,
+        )
+    try:
+        check_plausible(snapshot, obj.landed_at, "landing", rules)
+    except SourceError as error:
+        raise SourceError(error.reason, body) from None
+    frame = snapshot.frame.with_columns(
+        pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
+    )
+    return snapshot.measured_at, frame
+
+
+def prepare(s3: Any, bucket: str, objects: list[RawObject], rules: SnapshotRules) -> Prepared:
+    """Download, gunzip, normalize, validate and deduplicate raw objects; the CPU-heavy half of a merge.
+
+    An object that cannot be read as a plausible snapshot, whatever it holds, comes back as an error with
+    its body (for quarantine); it never stops the others.
+    """
     with ThreadPoolExecutor(max_workers=4) as pool:  # downloads wait on the network, not the CPU
         bodies = list(pool.map(lambda obj: _download(s3, bucket, obj), objects))
     observations, versions, rejected, counts = [], [], [], []
     for obj, compressed in zip(objects, bodies, strict=True):
         try:
-            body = gunzip(compressed)
-        except (OSError, EOFError) as exc:
-            counts.append(ObjectCounts(obj, measured_at_of(obj.key), error=f"not a gzip file: {exc}", body=compressed))
-            continue
-        try:
-            snapshot = normalize_payload(body)
+            measured_at, frame = _read_object(obj, compressed, rules)
+            accepted, bad = validate(frame)
+            unique, dropped = dedupe(accepted)
         except SourceError as error:
-            counts.append(ObjectCounts(obj, measured_at_of(obj.key), error=error.reason, body=body))
+            counts.append(ObjectCounts(obj, key_time(obj.key), error=error.reason, body=error.body or compressed))
             continue
-        frame = snapshot.frame.with_columns(
-            pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
-        )
-        accepted, bad = validate(frame)
-        unique, dropped = dedupe(accepted)
+        except Exception as exc:  # whatever else a payload can do: keep it, name it, go on
+            reason = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            counts.append(ObjectCounts(obj, key_time(obj.key), error=reason, body=compressed))
+            continue
         duplicates = int(dropped["duplicate_rows"].sum()) if dropped.height else 0
-        counts.append(ObjectCounts(obj, snapshot.measured_at, frame.height, unique.height, bad.height, duplicates))
-        observations.append(
-            unique.with_columns(pl.col("measured_at").dt.date().alias("measured_date")).select(
-                [c for c in SCHEMAS[OBSERVATIONS] if c != "merged_at"]
-            )
-        )
-        versions.append(
-            unique.with_columns(
-                pl.col("geometry").alias("geometry_geojson"),
-                GEOMETRY_TYPE.alias("geometry_type"),
-            ).select(VERSION_COLUMNS)
-        )
+        counts.append(ObjectCounts(obj, measured_at, frame.height, unique.height, bad.height, duplicates))
+        unique = unique.with_columns(
+            pl.col("measured_at").dt.date().alias("measured_date"),
+            pl.col("geometry").alias("geometry_geojson"),
+            GEOMETRY_TYPE.alias("geometry_type"),
+        ).with_columns(FINGERPRINT.alias("fingerprint"))
+        observations.append(unique.select(PREPARED_COLUMNS))
+        versions.append(unique.select(VERSION_COLUMNS))
         if bad.height:
             rejected.append(bad)
-    obs_schema = {c: t for c, t in SCHEMAS[OBSERVATIONS].items() if c != "merged_at"}
+    obs_schema = {c: SCHEMAS[OBSERVATIONS].get(c, pl.UInt64()) for c in PREPARED_COLUMNS}
     return Prepared(
         observations=pl.concat(observations) if observations else pl.DataFrame(schema=obs_schema),
         versions=_collapse_versions(pl.concat(versions)) if versions else pl.DataFrame(),
@@ -470,7 +526,7 @@ def _prepare_in_worker(settings: Settings, objects: list[RawObject]) -> Prepared
     global _worker_s3
     if _worker_s3 is None:
         _worker_s3 = storage.s3_client(settings)
-    return prepare(_worker_s3, settings.bucket, objects)
+    return prepare(_worker_s3, settings.bucket, objects, SnapshotRules.of(settings))
 
 
 def prepared_batches(settings: Settings, s3: Any, objects: list[RawObject]) -> Iterator[Prepared]:
@@ -484,7 +540,7 @@ def prepared_batches(settings: Settings, s3: Any, objects: list[RawObject]) -> I
     cores = os.cpu_count() or 1
     if len(objects) < PROCESSES_FROM or cores < 2:
         for task in tasks:
-            yield prepare(s3, settings.bucket, task)
+            yield prepare(s3, settings.bucket, task, SnapshotRules.of(settings))
         return
     # One more worker than cores: while one waits for its downloads, the others keep the cores busy.
     workers = min(cores + 1, len(tasks), 5)
@@ -560,15 +616,47 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.format("point ({}, {}) is outside the Rennes area", pl.col("point_lon"), pl.col("point_lat")),
         ),
     ]
-    reasons.append(
-        _reason(
-            pl.col("geometry").is_not_null() & ~GEOMETRY_TYPE.fill_null("").is_in(GEOMETRY_TYPES),
-            pl.format("geometry type {} is not LineString or MultiLineString", GEOMETRY_TYPE.fill_null("unknown")),
-        )
-    )
+    reasons += [
+        _reason(pl.col("point_lon").is_null() & pl.col("point_lat").is_null(), "point (geo_point_2d) is missing"),
+        _reason(pl.col("point_lon").is_not_null() & pl.col("point_lat").is_null(), "point has no latitude"),
+        _reason(pl.col("point_lon").is_null() & pl.col("point_lat").is_not_null(), "point has no longitude"),
+        *_geometry_reasons(),
+    ]
     checked = lazy.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")).collect()
     failed = checked["reason"].is_not_null() & (checked["reason"] != "")
     return checked.filter(~failed).drop("reason"), checked.filter(failed)
+
+
+def _geometry_reasons() -> list[pl.Expr]:
+    """A geometry must be a (Multi)LineString of real lines (two points or more, finite numbers) whose ends
+    lie near the record's point: a one-number coordinate or a line drawn elsewhere would corrupt lengths,
+    travel-time sums and maps. A record without any geometry (older schemas) is accepted."""
+    geometry = pl.col("geometry")
+    kind = GEOMETRY_TYPE.fill_null("unknown")
+    wrong_type = geometry.is_not_null() & ~GEOMETRY_TYPE.fill_null("").is_in(GEOMETRY_TYPES)
+    malformed = geometry.is_not_null() & ~wrong_type & ~geometry.str.contains(GEOMETRY_SHAPE)
+
+    def distance_m(pattern: str) -> pl.Expr:
+        lon = geometry.str.extract(pattern, 1).cast(pl.Float64, strict=False)
+        lat = geometry.str.extract(pattern, 2).cast(pl.Float64, strict=False)
+        dx = (lon - pl.col("point_lon")) * 111_320.0 * math.cos(math.radians(48.1))
+        dy = (lat - pl.col("point_lat")) * 110_540.0
+        return (dx * dx + dy * dy).sqrt()
+
+    far = pl.max_horizontal(distance_m(_FIRST_POSITION), distance_m(_LAST_POSITION))
+    point_in_area = pl.col("point_lon").is_between(*LON_RANGE) & pl.col("point_lat").is_between(*LAT_RANGE)
+    shaped = geometry.is_not_null() & ~wrong_type & ~malformed & point_in_area.fill_null(False)
+    return [
+        _reason(wrong_type, pl.format("geometry type {} is not LineString or MultiLineString", kind)),
+        _reason(
+            malformed,
+            pl.format("geometry {} is malformed: lines of two or more [lon, lat] points of finite numbers", kind),
+        ),
+        _reason(
+            shaped & ~(far <= MAX_POINT_TO_LINE_M),  # NaN (an infinite coordinate) counts as far
+            pl.format(f"geometry lies {{}} m from its point (more than {MAX_POINT_TO_LINE_M:.0f} m)", far.round(0)),
+        ),
+    ]
 
 
 def dedupe(accepted: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -637,7 +725,10 @@ def _commit(table: DeltaTable, action: Callable[[], Any], what: str) -> Any:
 
 def _time_bounds(frame: pl.DataFrame) -> str:
     """Literal time bounds of a batch: delta-rs does not prune the target from join predicates alone,
-    but skips every file whose `measured_at` statistics fall outside literals."""
+    but skips every file whose `measured_at` statistics fall outside literals. None when some row has no
+    time (a merge log row of a key that names none): such rows are matched on their key alone."""
+    if frame["measured_at"].null_count():
+        return "true"
     low, high = frame["measured_at"].min(), frame["measured_at"].max()
     return f"t.measured_at >= '{low:%Y-%m-%dT%H:%M:%S}Z' AND t.measured_at <= '{high:%Y-%m-%dT%H:%M:%S}Z'"
 
@@ -690,101 +781,273 @@ def merge_observations(table: DeltaTable, rows: pl.DataFrame, batch: int) -> int
     return table.version()
 
 
-def _segment_changes(versions: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
-    """The segment versions a batch opens, with the `close`/`extend` actions they imply on current rows.
+# --------------------------------------------------------------------------- segment history
+#
+# A segment's versions are a function of its points: every merged snapshot's accepted row, in time order,
+# collapsed into runs of equal attributes (valid_from = a run's first point, valid_to = the next run's).
+# Observations carry each point's `attributes_hash`, so the lake holds every point and the versions can be
+# recomputed exactly, whatever order snapshots arrive in. A merge recomputes only the segments whose points
+# do not simply continue their current version (a steady minute touches none), and only around the new
+# points: the versions outside their time range stand for the points they cover.
 
-    `versions` are the prepared candidate versions (see `Prepared`); consecutive identical attributes
-    still collapse here, across the boundaries of the batches they were prepared in.
-    """
+SEGMENT_ROW_KEY = ("segment_key", "valid_from")
+TAIL_PROBE = timedelta(hours=1)  # where the first point after a batch is looked for before the whole table
+
+
+def _sha1_attributes(frame: pl.DataFrame) -> pl.Series:
+    values = frame.select(SEGMENT_ATTRIBUTES).iter_rows()
+    return pl.Series([hashlib.sha1(repr(row).encode()).hexdigest() for row in values], dtype=pl.String)
+
+
+def hash_attributes(versions: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
+    """`versions` with their `attributes_hash`: the current version's where the attributes equal it (the
+    usual case: nothing to hash), else the SHA-1 of the attribute values."""
     against = current.select(
         "segment_key",
-        pl.col("valid_from").alias("cur_from"),
         pl.col("attributes_hash").alias("cur"),
         *[pl.col(name).alias(f"{name}__cur") for name in SEGMENT_ATTRIBUTES],
     )
-    joined = _collapse_versions(versions).join(against, on="segment_key", how="left")
     unchanged = pl.all_horizontal([pl.col(name).eq_missing(pl.col(f"{name}__cur")) for name in SEGMENT_ATTRIBUTES])
-    steady = unchanged & (pl.col("measured_at") > pl.col("cur_from")).fill_null(False)  # null: a new segment
-    if joined.select(steady.all()).item():
-        return pl.DataFrame(schema={**SCHEMAS[SEGMENTS], "action": pl.String, "extend_to": UTC_US})  # a steady minute
-    # A version whose attributes equal the current one's takes its hash; only the others are hashed.
-    joined = joined.with_columns(pl.when(unchanged).then(pl.col("cur")).alias("attributes_hash"))
+    joined = versions.join(against, on="segment_key", how="left").with_columns(
+        pl.when(unchanged).then(pl.col("cur")).alias("attributes_hash")
+    )
+    joined = joined.drop("cur", *[f"{name}__cur" for name in SEGMENT_ATTRIBUTES])
     other = joined.filter(pl.col("attributes_hash").is_null())
-    if other.height:
-        hashes = [hashlib.sha1(repr(row).encode()).hexdigest() for row in other.select(SEGMENT_ATTRIBUTES).iter_rows()]
-        other = other.with_columns(attributes_hash=pl.Series(hashes, dtype=pl.String))
-        joined = pl.concat([joined.filter(pl.col("attributes_hash").is_not_null()), other])
-        joined = joined.sort(["segment_key", "measured_at"])
-    joined = joined.drop([f"{name}__cur" for name in SEGMENT_ATTRIBUTES]).with_columns(
-        pl.col("measured_at").alias("valid_from")
+    if other.is_empty():
+        return joined
+    other = other.with_columns(attributes_hash=_sha1_attributes(other))
+    return pl.concat([joined.filter(pl.col("attributes_hash").is_not_null()), other])
+
+
+def _segment_rows(table: DeltaTable, options: dict[str, str]) -> pl.DataFrame:
+    """Every version of every segment at the table's loaded version (read once per version)."""
+    return _read_per_version(table, "versions", lambda: scan_table(table, options).collect())
+
+
+def _touched(batch: pl.DataFrame, current: pl.DataFrame) -> list[str]:
+    """The segments whose candidate versions do not just continue their current version (same attributes,
+    later): the only ones whose history a batch can change."""
+    joined = batch.join(
+        current.select("segment_key", pl.col("valid_from").alias("cur_from"), pl.col("attributes_hash").alias("cur")),
+        on="segment_key",
+        how="left",
     )
-    first = pl.col("valid_from") == pl.col("valid_from").min().over("segment_key")
-    same_as_current = pl.col("attributes_hash") == pl.col("cur")
-    # Backfilled history older than the current version only moves its start earlier when unchanged;
-    # older versions with other attributes are not reinserted into the past.
-    extend = joined.filter(first & same_as_current & (pl.col("valid_from") < pl.col("cur_from")))
-    fresh = joined.filter(
-        pl.col("cur_from").is_null() | ((pl.col("valid_from") > pl.col("cur_from")) & ~(first & same_as_current))
+    continues = ((pl.col("attributes_hash") == pl.col("cur")) & (pl.col("measured_at") > pl.col("cur_from"))).fill_null(
+        False
     )
-    fresh = fresh.with_columns(
-        pl.col("valid_from").shift(-1).over("segment_key").alias("valid_to"),
+    return joined.filter(~continues)["segment_key"].unique().to_list()
+
+
+def _files_overlapping(table: DeltaTable, low: datetime, high: datetime | None) -> list[str]:
+    """The data files whose `measured_at` statistics overlap [low, high] (high None: no upper bound)."""
+    actions = pl.DataFrame(table.get_add_actions(flatten=True))
+    if actions.is_empty():
+        return []
+    lowest, highest = pl.col("min.measured_at"), pl.col("max.measured_at")
+    overlap = lowest.is_null() | highest.is_null() | (highest >= low)
+    if high is not None:
+        overlap = overlap & (lowest.is_null() | (lowest <= high))
+    paths = actions.filter(overlap)["path"].to_list()
+    return [f"{table.table_uri.rstrip('/')}/{path}" for path in paths]
+
+
+POINT_COLUMNS = ("segment_key", "measured_at", "attributes_hash", "source_key")
+
+
+def _points_between(
+    table: DeltaTable, options: dict[str, str], keys: list[str], low: datetime, high: datetime | None
+) -> pl.DataFrame:
+    """The observations' points of these segments measured in [low, high]."""
+    files = _files_overlapping(table, low, high)
+    schema = {name: SCHEMAS[OBSERVATIONS][name] for name in POINT_COLUMNS}
+    if not files:
+        return pl.DataFrame(schema=schema)
+    when = pl.col("measured_at") >= low
+    if high is not None:
+        when = when & (pl.col("measured_at") <= high)
+    scan = pl.scan_parquet(files, storage_options=options, missing_columns="insert")
+    return (
+        scan.select(POINT_COLUMNS).filter(pl.col("segment_key").is_in(keys) & when).collect().cast(schema)  # type: ignore[arg-type]
+    )
+
+
+def _first_points_after(table: DeltaTable, options: dict[str, str], after: pl.DataFrame) -> pl.DataFrame:
+    """Per segment of `after` (segment_key, t_max, until), its first point in (t_max, until): where the version
+    a batch cut into resumes. Looked for in the hour after the batch first, then in the whole table."""
+    found: list[pl.DataFrame] = []
+    for probe in (TAIL_PROBE, None):
+        if after.is_empty():
+            break
+        low = after["t_max"].min()
+        high = None if probe is None else after["t_max"].max() + probe
+        points = _points_between(table, options, after["segment_key"].to_list(), low, high)
+        first = (
+            points.join(after, on="segment_key")
+            .filter(pl.col("measured_at") > pl.col("t_max"))
+            .filter((pl.col("measured_at") < pl.col("until")).fill_null(True))
+            .sort("measured_at")
+            .unique("segment_key", keep="first")
+            .select(POINT_COLUMNS)
+        )
+        found.append(first)
+        after = after.join(first, on="segment_key", how="anti")
+    return pl.concat(found) if found else pl.DataFrame(schema={n: SCHEMAS[OBSERVATIONS][n] for n in POINT_COLUMNS})
+
+
+def _recomputed_versions(
+    touched: pl.DataFrame,
+    existing: pl.DataFrame,
+    points: pl.DataFrame,
+    attributes: pl.DataFrame,
+) -> pl.DataFrame:
+    """Every version of the touched segments, from their points: the observations inside each segment's new
+    range (and the first one after it), and outside it the versions' own starts, which stand for the points
+    they cover. Points whose attributes no version or batch knows yet (a merge that died between its
+    observations and its segments, and will be merged again) are left out until then."""
+    schema = SCHEMAS[SEGMENTS]
+    outside = (
+        existing.join(touched, on="segment_key")
+        .filter(~pl.col("valid_from").is_between(pl.col("t_min"), pl.col("t_max")))
+        .select("segment_key", pl.col("valid_from").alias("measured_at"), "attributes_hash", "source_key")
+    )
+    # Observations written before points carried their hash: the version they lie in says it.
+    points = points.sort("measured_at").join_asof(
+        existing.select(
+            "segment_key", pl.col("valid_from").alias("measured_at"), pl.col("attributes_hash").alias("held")
+        ).sort("measured_at"),
+        on="measured_at",
+        by="segment_key",
+        strategy="backward",
+        check_sortedness=False,  # sorted by time within each segment, which is what counts
+    )
+    points = points.with_columns(pl.coalesce("attributes_hash", "held").alias("attributes_hash")).drop("held")
+    known = attributes.select("segment_key", "attributes_hash")
+    every = (
+        pl.concat([outside, points.select(outside.columns)])
+        .join(known, on=["segment_key", "attributes_hash"], how="semi")
+        .unique(["segment_key", "measured_at"], keep="first")
+        .sort(["segment_key", "measured_at"])
+    )
+    starts = every.filter(pl.col("attributes_hash").ne_missing(pl.col("attributes_hash").shift(1).over("segment_key")))
+    starts = starts.with_columns(
+        pl.col("measured_at").alias("valid_from"),
+        pl.col("measured_at").shift(-1).over("segment_key").alias("valid_to"),
     ).with_columns(pl.col("valid_to").is_null().alias("is_current"))
-    inserts = fresh.with_columns(
-        pl.col("geometry_geojson").map_elements(geometry_length_m, return_dtype=pl.Float64).alias("length_m"),
-        pl.lit("insert").alias("action"),
-        pl.lit(None, dtype=UTC_US).alias("extend_to"),
-    ).select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
-    opened = fresh.group_by("segment_key").agg(pl.col("valid_from").min().alias("first_new"))
-    closes = (
-        current.join(opened, on="segment_key")
-        .with_columns(
-            pl.col("first_new").alias("valid_to"),
-            pl.lit(False).alias("is_current"),
-            pl.lit("close").alias("action"),
-            pl.lit(None, dtype=UTC_US).alias("extend_to"),
-        )
-        .select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
+    details = [name for name in schema if name not in ("valid_from", "valid_to", "is_current", "source_key")]
+    versions = starts.join(attributes.select(details), on=["segment_key", "attributes_hash"], how="left")
+    # A version that already exists keeps its lineage; a new one takes its first point's.
+    lineage = existing.select(*SEGMENT_ROW_KEY, pl.col("source_key").alias("kept_source"))
+    versions = versions.join(lineage, on=list(SEGMENT_ROW_KEY), how="left").with_columns(
+        pl.coalesce("kept_source", "source_key").alias("source_key")
     )
-    extends = (
-        current.join(extend.select("segment_key", pl.col("valid_from").alias("extend_to")), on="segment_key")
-        .with_columns(pl.lit("extend").alias("action"))
-        .select([*SCHEMAS[SEGMENTS], "action", "extend_to"])
+    return versions.select(list(schema)).cast(schema)  # type: ignore[arg-type]
+
+
+def _version_attributes(existing: pl.DataFrame, batch: pl.DataFrame) -> pl.DataFrame:
+    """The attributes (and geometry type, length) of every (segment, attributes_hash) known."""
+    columns = ["segment_key", "attributes_hash", *SEGMENT_ATTRIBUTES, "geometry_type", "length_m"]
+    known = existing.select(columns).unique(["segment_key", "attributes_hash"], keep="first")
+    new = batch.join(known, on=["segment_key", "attributes_hash"], how="anti").unique(
+        ["segment_key", "attributes_hash"], keep="first"
     )
-    return pl.concat([inserts, closes, extends], how="vertical_relaxed")
+    new = new.with_columns(
+        pl.col("geometry_geojson").map_elements(geometry_length_m, return_dtype=pl.Float64).alias("length_m")
+        if new.height
+        else pl.lit(None, dtype=pl.Float64).alias("length_m")
+    )
+    return pl.concat([known, new.select(columns)], how="vertical_relaxed")
 
 
-def merge_segments(table: DeltaTable, versions: pl.DataFrame, options: dict[str, str], batch: int) -> int:
-    """Open new segment versions where attributes changed, closing the versions they replace."""
+def _same_versions(left: pl.DataFrame, right: pl.DataFrame) -> bool:
+    columns = [*SEGMENT_ROW_KEY, "valid_to", "attributes_hash"]
+    return left.select(columns).sort(columns).equals(right.select(columns).sort(columns))
 
-    def write() -> None:
-        current = _read_per_version(
-            table, "current", lambda: scan_table(table, options).filter(pl.col("is_current")).collect()
-        )
-        changes = _segment_changes(versions, current)
-        if changes.is_empty():
-            return
-        columns = list(SCHEMAS[SEGMENTS])
-        (
-            table.merge(
-                changes.to_arrow(),
-                predicate="t.segment_key = s.segment_key AND t.valid_from = s.valid_from",
-                source_alias="s",
-                target_alias="t",
-                commit_properties=CommitProperties(app_transactions=[Transaction(APP_ID, batch)]),
-                post_commithook_properties=MERGE_HOOKS,
-            )
-            .when_matched_update(
-                updates={"valid_to": "s.valid_to", "is_current": "s.is_current"}, predicate="s.action = 'close'"
-            )
-            .when_matched_update(updates={"valid_from": "s.extend_to"}, predicate="s.action = 'extend'")
-            .when_not_matched_insert(
-                updates={column: f"s.{column}" for column in columns}, predicate="s.action = 'insert'"
-            )
-            .execute()
-        )
 
-    _commit(table, write, SEGMENTS)
+def merge_segments(
+    tables: dict[str, DeltaTable], batch: pl.DataFrame, points: pl.DataFrame, options: dict[str, str], batch_no: int
+) -> int:
+    """Bring the versions of the segments this batch touches in line with all their points.
+
+    `batch`: the batch's candidate versions, hashed (see `hash_attributes`); `points`: the batch's accepted
+    (segment_key, measured_at). Runs after the batch's observations are committed, so that two merges racing
+    cannot both miss each other: each reads the segments after its own observations landed, and a merge that
+    changed versions looks again when other observations landed meanwhile.
+    """
+    table, observations = tables[SEGMENTS], tables[OBSERVATIONS]
+    touched: set[str] = set()
+
+    def attempt() -> bool:
+        current = _segment_rows(table, options).filter(pl.col("is_current"))
+        touched.update(_touched(batch, current))
+        return bool(touched) and _rewrite_versions(tables, batch, points, touched, options, batch_no)
+
+    for _ in range(COMMIT_ATTEMPTS):
+        table.update_incremental()  # what other merges committed while this one wrote its observations
+        seen = observations.version()
+        written = _commit(table, attempt, SEGMENTS)
+        if not written:
+            break
+        observations.update_incremental()
+        if observations.version() == seen:
+            break
+        log.info("observations landed while segment versions were recomputed: recomputing")
     return table.version()
+
+
+def _rewrite_versions(
+    tables: dict[str, DeltaTable],
+    batch: pl.DataFrame,
+    points: pl.DataFrame,
+    keys: set[str],
+    options: dict[str, str],
+    batch_no: int,
+) -> bool:
+    """Recompute and write the versions of `keys`; False when they were already right (nothing written)."""
+    table, observations = tables[SEGMENTS], tables[OBSERVATIONS]
+    existing_all = _segment_rows(table, options)
+    existing = existing_all.filter(pl.col("segment_key").is_in(list(keys)))
+    touched = (
+        points.filter(pl.col("segment_key").is_in(list(keys)))
+        .group_by("segment_key")
+        .agg(pl.col("measured_at").min().alias("t_min"), pl.col("measured_at").max().alias("t_max"))
+    )
+    low, high = touched["t_min"].min(), touched["t_max"].max()
+    inside = _points_between(observations, options, touched["segment_key"].to_list(), low, high)
+    inside = inside.join(touched, on="segment_key").filter(pl.col("measured_at").is_between("t_min", "t_max"))
+    # Where the batch ends inside a version, that version resumes at its first point after the batch.
+    containing = (
+        existing.join(touched, on="segment_key")
+        .filter(pl.col("valid_from") <= pl.col("t_max"))
+        .filter(pl.col("valid_to").is_null() | (pl.col("valid_to") > pl.col("t_max")))
+        .select("segment_key", "t_max", pl.col("valid_to").alias("until"))
+    )
+    tail = _first_points_after(observations, options, containing)
+    points = pl.concat([inside.select(POINT_COLUMNS), tail.select(POINT_COLUMNS)])
+    attributes = _version_attributes(existing, batch.filter(pl.col("segment_key").is_in(list(keys))))
+    versions = _recomputed_versions(touched, existing, points, attributes)
+    if _same_versions(versions, existing):
+        return False
+    commit = CommitProperties(app_transactions=[Transaction(APP_ID, batch_no)])
+    if existing_all.is_empty() and table.version() <= 0:
+        write_deltalake(table, versions.to_arrow(), mode="append", commit_properties=commit,
+                        post_commithook_properties=MERGE_HOOKS)  # fmt: skip
+        return True
+    quoted = ", ".join("'" + key.replace("'", "''") + "'" for key in sorted(keys))
+    (
+        table.merge(
+            versions.to_arrow(),
+            predicate="t.segment_key = s.segment_key AND t.valid_from = s.valid_from",
+            source_alias="s",
+            target_alias="t",
+            commit_properties=commit,
+            post_commithook_properties=MERGE_HOOKS,
+        )
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(predicate=f"t.segment_key IN ({quoted})")
+        .execute()
+    )
+    return True
 
 
 def merge_rejected(table: DeltaTable | None, rejected: pl.DataFrame, batch: int) -> None:
@@ -888,7 +1151,7 @@ def _merge_chunk(
     counts = [c for p in batches for c in p.counts]
     for item in counts:
         if item.error is not None:
-            key = quarantine(s3, settings.bucket, item.body or b"", f"unreadable raw object {item.obj.key}: "
+            key = quarantine(s3, settings.bucket, item.body or b"", f"refused raw object {item.obj.key}: "
                              f"{item.error}", f"s3://{settings.bucket}/{item.obj.key}", "merge")  # fmt: skip
             log.error("quarantined %s: %s (copy at %s)", item.obj.key, item.error, key)
             result.quarantined_objects += 1
@@ -897,18 +1160,27 @@ def _merge_chunk(
     observations = pl.concat([p.observations for p in batches])
     obs_version = seg_version = tables[OBSERVATIONS].version()
     if observations.height:
+        options = storage_options(settings)
         rejected = pl.concat([p.rejected for p in batches], how="diagonal_relaxed")
         if rejected.height and REJECTED not in tables:
             tables[REJECTED] = _open_table(settings, REJECTED)
-        rows = observations.with_columns(pl.lit(merged_at, dtype=UTC_US).alias("merged_at"))
         versions = pl.concat([p.versions for p in batches if p.versions.height])
-        # Three tables, three independent commits: side by side. The merge log waits for all three.
-        with ThreadPoolExecutor(max_workers=3) as writers:
+        current = _segment_rows(tables[SEGMENTS], options).filter(pl.col("is_current"))
+        hashes = hash_attributes(versions.unique(["segment_key", "fingerprint"]), current).select(
+            "segment_key", "fingerprint", "attributes_hash"
+        )
+        versions = _collapse_versions(versions.join(hashes, on=["segment_key", "fingerprint"]), by="attributes_hash")
+        rows = observations.join(hashes, on=["segment_key", "fingerprint"], how="left").with_columns(
+            pl.lit(merged_at, dtype=UTC_US).alias("merged_at")
+        )
+        # Rejected rows and observations are independent commits: side by side. The segments follow the
+        # observations (see merge_segments); the merge log waits for all of them.
+        with ThreadPoolExecutor(max_workers=2) as writers:
             rejected_written = writers.submit(merge_rejected, tables.get(REJECTED), rejected, batch)
-            obs_written = writers.submit(merge_observations, tables[OBSERVATIONS], rows, batch)
-            seg_written = writers.submit(merge_segments, tables[SEGMENTS], versions, storage_options(settings), batch)
+            obs_version = merge_observations(tables[OBSERVATIONS], rows, batch)
             rejected_written.result()
-            obs_version, seg_version = obs_written.result(), seg_written.result()
+        points = rows.select("segment_key", "measured_at")
+        seg_version = merge_segments(tables, versions, points, options, batch)
     for item in counts:
         if item.error is None:
             log.info("%s: %d records, %d accepted, %d rejected, %d duplicates",

@@ -22,13 +22,14 @@ import botocore.exceptions
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
-from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SourceError
+from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SnapshotRules, SourceError, check_plausible
 
 log = logging.getLogger(__name__)
 
 RAW_PREFIX = "raw/"
 QUARANTINE_PREFIX = "quarantine/"
 RAW_SUFFIX = ".json.gz"
+RAW_KEY = re.compile(r"raw/date=\d{4}-\d{2}-\d{2}/\d{8}T\d{6}Z\.json\.gz")
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def raw_key(measured_at: datetime) -> str:
 
 
 def measured_at_of(key: str) -> datetime:
-    """The snapshot time a raw key stands for (the inverse of `raw_key`)."""
+    """The snapshot time a raw key stands for (the inverse of `raw_key`); ValueError if it stands for none."""
     stamp = key.rsplit("/", 1)[-1].removesuffix(RAW_SUFFIX)
+    if not RAW_KEY.fullmatch(key):
+        raise ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})")
     return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
@@ -149,6 +152,11 @@ def ingest(settings: Settings, s3: Any | None = None, client: Client | None = No
 
     try:
         fetched = client.fetch(skip_if=already_landed)
+        if isinstance(fetched, FetchedSnapshot):
+            try:
+                check_plausible(fetched.snapshot, fetched.fetched_at, "fetch", SnapshotRules.of(settings))
+            except SourceError as error:
+                raise SourceError(error.reason, fetched.payload) from None
     except SourceError as error:
         reason = error.reason
         if error.body:

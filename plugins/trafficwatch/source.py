@@ -61,10 +61,11 @@ class _Shape(msgspec.Struct, gc=False):
 
 
 class _LonLat(msgspec.Struct, gc=False):
-    """`geo_point_2d` as v2.1 sends it (v1 sends `[lat, lon]`)."""
+    """`geo_point_2d` as v2.1 sends it (v1 sends `[lat, lon]`). A string (`"NaN"`) is kept so that the lake
+    rejects that row, not the whole snapshot."""
 
-    lon: float | None = None
-    lat: float | None = None
+    lon: float | str | None = None
+    lat: float | str | None = None
 
 
 class _Record(msgspec.Struct, gc=False):
@@ -135,6 +136,11 @@ NORMALIZED_COLUMNS: tuple[str, ...] = (
     "geometry",
 )
 REQUIRED_FIELDS = ("datetime", "predefinedlocationreference")
+# Fields every published schema carries (v2.1, the pre-2023 one, v1): a snapshot where no record has one
+# of them is a renamed or dropped field upstream, not a snapshot of unmeasured roads.
+MEASURE_FIELDS = ("averagevehiclespeed", "traveltime", "trafficstatus")
+# The dataset is younger than this: an earlier upstream time is a broken clock or a broken payload.
+EARLIEST_PLAUSIBLE = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class SourceError(Exception):
@@ -196,16 +202,22 @@ class FetchedSnapshot:
 
 
 def parse_json(body: bytes, what: str = "payload") -> Any:
-    """Parse JSON bytes; an error names the byte offset, as operators need to find it."""
+    """Parse JSON bytes; an error names the byte offset, as operators need to find it.
+
+    `NaN` and `Infinity` (which Python's parser accepts) stay strings, so the lake rejects the rows that
+    carry them instead of storing them as nulls.
+    """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SourceError(f"{what} is not UTF-8 (bad byte at {exc.start})", body) from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=str)
     except json.JSONDecodeError as exc:
         byte_at = len(text[: exc.pos].encode("utf-8"))
         raise SourceError(f"invalid JSON at byte {byte_at} of {len(body)}: {exc.msg}", body) from None
+    except RecursionError:
+        raise SourceError(f"invalid JSON: {what} is nested too deeply to be a snapshot", body) from None
 
 
 def _shape_of(document: Any) -> str:
@@ -260,14 +272,52 @@ def raw_records(document: Any) -> tuple[list[dict[str, Any]], str, int | None]:
 
 
 def parse_datetime(value: str) -> datetime:
-    """An upstream `datetime` as an aware UTC datetime; a value without offset is taken as UTC."""
+    """An upstream `datetime` as an aware UTC datetime; a value without offset is taken as UTC.
+
+    Never raises anything but SourceError: years 1 and 9999 overflow on conversion, and any time before
+    EARLIEST_PLAUSIBLE is refused as implausible.
+    """
     try:
         parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        parsed = parsed.astimezone(UTC)
     except (TypeError, ValueError):
-        raise SourceError(f"unreadable datetime {value!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        raise SourceError(f"unreadable datetime {str(value)[:40]!r}") from None
+    except OverflowError:
+        raise SourceError(f"implausible time: datetime {value!r} is out of range") from None
+    if parsed < EARLIEST_PLAUSIBLE:
+        raise SourceError(f"implausible time: datetime {value!r} is before {EARLIEST_PLAUSIBLE:%Y-%m-%d}")
+    return parsed
+
+
+@dataclass(frozen=True)
+class SnapshotRules:
+    """What makes a well-formed snapshot plausible enough to land or merge (see `check_plausible`)."""
+
+    min_records: int
+    future_tolerance_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> SnapshotRules:
+        return cls(settings.min_records, settings.future_tolerance_s)
+
+
+def check_plausible(snapshot: Snapshot, reference: datetime, reference_name: str, rules: SnapshotRules) -> None:
+    """Refuse a snapshot from the future (beyond a tolerance, relative to its fetch or landing) and a
+    snapshot far smaller than the network. Old snapshots are welcome: archives and replays."""
+    ahead_s = (snapshot.measured_at - reference).total_seconds()
+    if ahead_s > rules.future_tolerance_s:
+        raise SourceError(
+            f"implausible time: snapshot {snapshot.measured_at:%Y-%m-%dT%H:%M:%SZ} is {ahead_s:.0f} s after "
+            f"its {reference_name} ({reference:%Y-%m-%dT%H:%M:%SZ}; tolerance {rules.future_tolerance_s:.0f} s, "
+            "TRAFFICWATCH_FUTURE_TOLERANCE)"
+        )
+    if snapshot.record_count < rules.min_records:
+        raise SourceError(
+            f"too few records: {snapshot.record_count} in snapshot {snapshot.measured_at:%Y-%m-%dT%H:%M:%SZ}, "
+            f"fewer than {rules.min_records} (TRAFFICWATCH_MIN_RECORDS): a partial answer, not the network"
+        )
 
 
 def _decode_fast(body: bytes) -> tuple[list[_Record], str, int | None] | None:
@@ -287,8 +337,8 @@ def _decode_fast(body: bytes) -> tuple[list[_Record], str, int | None] | None:
             return [item.fields for item in search.records], "v1", search.nhits
         if head.startswith(b"["):
             return _DECODE_EXPORTS.decode(body), "exports", None
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None  # the checked path names the problem
     return None
 
 
@@ -303,6 +353,8 @@ def _decode_checked(body: bytes) -> tuple[list[_Record], str, int | None]:
         return _DECODE_EXPORTS.decode(msgspec.json.encode(records)), shape, announced
     except msgspec.ValidationError as exc:
         raise SourceError(f"not the expected payload shape: {exc}", body) from None
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800": JSON text no UTF-8 can hold
+        raise SourceError("payload is not UTF-8 text: a string holds a lone surrogate escape", body) from None
 
 
 def _geometry_text(shape: _Shape | None) -> str | None:
@@ -321,8 +373,9 @@ def _geometry_text(shape: _Shape | None) -> str | None:
     return f'{{"type":"{geometry.type}","coordinates":{coordinates}}}'
 
 
-def _points(values: tuple[_LonLat | list[float] | None, ...]) -> tuple[list[float | None], list[float | None]]:
-    """Longitudes and latitudes from `{"lon", "lat"}` (v2.1) or `[lat, lon]` (v1) points."""
+def _points(values: tuple[_LonLat | list[float] | None, ...]) -> tuple[list[Any], list[Any]]:
+    """Longitudes and latitudes from `{"lon", "lat"}` (v2.1) or `[lat, lon]` (v1) points (anything but a
+    number becomes null when cast: the lake rejects a row without both)."""
     lons = [p.lon if p.__class__ is _LonLat else (p[1] if p and len(p) == 2 else None) for p in values]
     lats = [p.lat if p.__class__ is _LonLat else (p[0] if p and len(p) == 2 else None) for p in values]
     return lons, lats
@@ -344,8 +397,8 @@ def _frame(records: list[_Record], measured_at: datetime) -> pl.DataFrame:
     for column, values in zip(FIELD_MAP.values(), fields, strict=True):
         columns[column] = pl.Series(list(values), strict=False)
     lons, lats = _points(points)
-    columns["point_lon"] = pl.Series(lons, dtype=pl.Float64, strict=False)
-    columns["point_lat"] = pl.Series(lats, dtype=pl.Float64, strict=False)
+    columns["point_lon"] = pl.Series(lons, strict=False).cast(pl.Float64, strict=False)
+    columns["point_lat"] = pl.Series(lats, strict=False).cast(pl.Float64, strict=False)
     columns["geometry"] = pl.Series(list(map(_geometry_text, shapes)), dtype=pl.String)
     return pl.DataFrame(columns)
 
@@ -355,8 +408,18 @@ def normalize_payload(body: bytes) -> Snapshot:
 
     Checks the shape, that required fields are there, that every record carries the same upstream
     `datetime`, and that the announced count (records/v1) matches. Values are not validated here:
-    that is the lake's job, row by row.
+    that is the lake's job, row by row. Whatever the bytes, the only exception is SourceError, with
+    the body, so that the caller can quarantine it.
     """
+    try:
+        return _normalize(body)
+    except SourceError as error:
+        raise SourceError(error.reason, body) from None
+    except Exception as exc:  # a payload must never stop the pipeline with a traceback
+        raise SourceError(f"unreadable payload: {type(exc).__name__}: {str(exc)[:160]}", body) from None
+
+
+def _normalize(body: bytes) -> Snapshot:
     decoded = _decode_fast(body) or _decode_checked(body)
     records, shape, announced = decoded
     if not records:
@@ -371,6 +434,11 @@ def normalize_payload(body: bytes) -> Snapshot:
             f"record count mismatch: the API announced {announced} records, the payload has {len(records)}",
             body,
         )
+    for name in MEASURE_FIELDS:
+        if f'"{name}"'.encode() not in body:  # the bytes, not the decoded records: absent, not null
+            raise SourceError(
+                f"schema drift: no record has the field '{name}', which every published schema carries", body
+            )
     upstream = datetimes.pop()
     measured_at = parse_datetime(upstream)
     return Snapshot(measured_at=measured_at, upstream_datetime=upstream, frame=_frame(records, measured_at))
@@ -410,7 +478,7 @@ def _gist(body: bytes, limit: int = 120) -> str:
     text = body.decode("utf-8", "replace")
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if isinstance(document, dict):
         text = str(document.get("error") or document.get("message") or text)
@@ -491,7 +559,10 @@ class Client:
                 total = announced
                 if records and isinstance(records[0], dict):
                     first_datetime = records[0].get("datetime")
-                    measured_at = parse_datetime(first_datetime) if first_datetime else None
+                    try:
+                        measured_at = parse_datetime(first_datetime) if first_datetime else None
+                    except SourceError as error:
+                        raise SourceError(error.reason, response.content) from None
                     if skip_if and measured_at and skip_if(measured_at):
                         log.info("snapshot %s is already landed: stopped after page 1", first_datetime)
                         return KnownSnapshot(measured_at)
