@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowException
 
 
 @dag(
@@ -28,9 +29,13 @@ def lake_maintenance() -> None:
     @task(execution_timeout=timedelta(minutes=30))
     def compact_checkpoint_vacuum() -> str:
         from trafficwatch.config import load_settings
+        from trafficwatch.errors import failure
         from trafficwatch.lake import maintain
 
-        return maintain(load_settings()).summary()
+        try:
+            return maintain(load_settings()).summary()
+        except Exception as error:  # one line naming the cause; the traceback is in the log above it
+            raise AirflowException(failure("maintenance", error)) from None
 
     compact_checkpoint_vacuum()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from trafficwatch.assets import RAW_SNAPSHOTS
 
@@ -43,10 +43,14 @@ def traffic_ingest() -> None:
     @task(outlets=[RAW_SNAPSHOTS])
     def fetch_and_land(*, outlet_events=None) -> dict[str, str | int]:
         from trafficwatch.config import load_settings
+        from trafficwatch.errors import failure
         from trafficwatch.landing import ingest
 
-        settings = load_settings()
-        result = ingest(settings)
+        try:
+            settings = load_settings()
+            result = ingest(settings)
+        except Exception as error:  # one line naming the cause; the traceback is in the log above it
+            raise AirflowException(failure("ingest", error)) from None
         if not result.landed:
             raise AirflowSkipException(result.summary(settings.bucket))
         outlet_events[RAW_SNAPSHOTS].extra = result.as_dict()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from trafficwatch.assets import LAKE_OBSERVATIONS, SERVING_DB
 
@@ -41,13 +41,16 @@ def traffic_marts() -> None:
     @task(outlets=[SERVING_DB], execution_timeout=timedelta(minutes=30))
     def build_and_publish_marts() -> dict:
         from trafficwatch.config import load_settings
+        from trafficwatch.errors import failure
         from trafficwatch.serving import DataTestsFailed
         from trafficwatch.worker import build_marts
 
         try:
             return build_marts(load_settings()).as_dict()
-        except DataTestsFailed as failure:
-            raise AirflowFailException(str(failure)) from None
+        except DataTestsFailed as error:  # the same data would fail the same way: no retry
+            raise AirflowFailException(failure("build", error)) from None
+        except Exception as error:  # one line naming the cause; the traceback is in the log above it
+            raise AirflowException(failure("build", error)) from None
 
     build_and_publish_marts()
 

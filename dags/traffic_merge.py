@@ -24,7 +24,7 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from trafficwatch.assets import LAKE_OBSERVATIONS
 from trafficwatch.waiting import PendingRawSensor
@@ -49,9 +49,13 @@ def traffic_merge() -> None:
     @task(outlets=[LAKE_OBSERVATIONS], execution_timeout=timedelta(minutes=30))
     def merge_pending_snapshots() -> dict[str, int | float]:
         from trafficwatch.config import load_settings
+        from trafficwatch.errors import failure
         from trafficwatch.worker import merge_pending
 
-        result = merge_pending(load_settings())
+        try:
+            result = merge_pending(load_settings())
+        except Exception as error:  # one line naming the cause; the traceback is in the log above it
+            raise AirflowException(failure("merge", error)) from None
         if not result.merged_objects and not result.quarantined_objects:
             raise AirflowSkipException(result.summary())
         return result.as_dict()

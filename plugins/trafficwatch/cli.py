@@ -5,13 +5,103 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from trafficwatch import services
+from trafficwatch import errors, services
 from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
+SERVICES = ("worker", "feed")
+_held: _HeldLog | None = None
+
+
+def log_file_path() -> Path:
+    """The log of every one-shot command, with the traceback of every failure (services have their own)."""
+    home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()  # as load_settings
+    return home / "logs" / "trafficwatch.log"
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A record's traceback goes to the log file, not to the terminal or a service log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+class _HeldLog(logging.Handler):
+    """The log lines of a one-shot command, shown on stderr once it succeeds (before its result) and
+    dropped if it fails: a failure is one line on the terminal, the lines before it are in the log file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def show(self) -> None:
+        for line in self.lines:
+            print(line, file=sys.stderr)
+        self.lines.clear()
+
+
+def _configure_logging(command: str, verbose: bool) -> list[logging.Handler]:
+    """Where log records go: for a one-shot command, the log file and the terminal once it succeeded (live
+    with -v); for a service, its stderr only, which is its own log."""
+    global _held
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(level)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    _held = None
+    if command in SERVICES or verbose:
+        terminal: logging.Handler = logging.StreamHandler(sys.stderr)
+        terminal.setFormatter(logging.Formatter(LOG_FORMAT))
+    else:
+        terminal = _held = _HeldLog()
+        terminal.setFormatter(_WithoutTraceback(LOG_FORMAT))
+    handlers = [terminal]
+    if command not in SERVICES:
+        path = log_file_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
+        except OSError:  # a read-only home: the terminal line still names the cause
+            log_file = None
+        if log_file is not None:
+            # Many processes append to it: each line says which process and command wrote it.
+            log_file.setFormatter(logging.Formatter(LOG_FORMAT.replace(" ", f" [%(process)d {command}] ", 1)))
+            handlers.append(log_file)
+    for handler in handlers:
+        root.addHandler(handler)
+    return handlers
+
+
+def _spare_aws_lookups() -> None:
+    """Without AWS_REGION, delta-rs' AWS SDK asks EC2's metadata service for one and prints a dozen
+    multi-line warnings before anything fails; with an endpoint of our own (local S3) credentials never come
+    from EC2 either. Python's S3 client and delta-rs then read the same region."""
+    os.environ.setdefault("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")  # as load_settings
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _say(text: str) -> None:
+    """A command's result, on stdout, after the log lines held for the terminal."""
+    if _held is not None:
+        _held.show()
+    print(text, flush=True)
 
 
 def _cmd_feed(args: argparse.Namespace) -> int:
@@ -38,24 +128,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from trafficwatch import landing
 
     settings = load_settings()
-    try:
-        result = landing.ingest(settings)
-    except landing.IngestError as error:
-        print(f"ingest failed: {error}", file=sys.stderr)
-        return 1
-    print(result.summary(settings.bucket))
+    result = landing.ingest(settings)
+    _say(result.summary(settings.bucket))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from trafficwatch import worker
 
-    try:
-        result = worker.merge_pending(load_settings())
-    except worker.WorkerError as error:
-        print(f"merge failed: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
+    _say(worker.merge_pending(load_settings()).summary())
     return 0
 
 
@@ -65,26 +146,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     if args.end <= args.start:
         print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=sys.stderr)
         return 2
-    print(lake.backfill(load_settings(), args.start, args.end).summary())
+    _say(lake.backfill(load_settings(), args.start, args.end).summary())
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from trafficwatch import serving
 
-    print(json.dumps(serving.status(load_settings()), indent=2))
+    _say(json.dumps(serving.status(load_settings()), indent=2))
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from trafficwatch import serving, worker
+    from trafficwatch import worker
 
-    try:
-        result = worker.build_marts(load_settings(), full_refresh=args.full_refresh)
-    except (serving.BuildError, worker.WorkerError) as error:
-        print(f"build failed: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
+    _say(worker.build_marts(load_settings(), full_refresh=args.full_refresh).summary())
     return 0
 
 
@@ -96,15 +172,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
-    import botocore.exceptions
-
     from trafficwatch import operate
 
-    try:
-        print(json.dumps(operate.lag(load_settings()), indent=2))
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        print(f"lag: S3 cannot be read: {error}", file=sys.stderr)
-        return 1
+    _say(json.dumps(operate.lag(load_settings()), indent=2))
     return 0
 
 
@@ -113,16 +183,16 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
     stopped = operate.stop_all(load_settings().home)
     for name, was_running in stopped.items():
-        print(f"{name}: {'stopped' if was_running else 'was not running'}")
+        _say(f"{name}: {'stopped' if was_running else 'was not running'}")
     if not stopped:
-        print("no service was started from this home")
+        _say("no service was started from this home")
     return 0
 
 
 def _cmd_maintain(args: argparse.Namespace) -> int:
     from trafficwatch import lake
 
-    print(lake.maintain(load_settings()).summary())
+    _say(lake.maintain(load_settings()).summary())
     return 0
 
 
@@ -149,19 +219,19 @@ def _cmd_service(args: argparse.Namespace) -> int:
     home = load_settings().home
     if args.action == "stop":
         stopped = services.stop(home, args.name)
-        print(f"{args.name}: {'stopped' if stopped else 'was not running'}")
+        _say(f"{args.name}: {'stopped' if stopped else 'was not running'}")
         return 0
     if args.action == "status":
         pid = services.running_pid(home, args.name)
-        print(f"{args.name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+        _say(f"{args.name}: {'running, pid ' + str(pid) if pid else 'not running'}")
         return 0 if pid else 3
     service = _service(args.name)
     try:
         pid = services.start(service, home)
-    except RuntimeError as error:
+    except RuntimeError as error:  # its own one line: exited with code N, see its log
         print(f"{args.name}: {error}", file=sys.stderr)
         return 1
-    print(f"{args.name}: running, pid {pid}, {service.url}")
+    _say(f"{args.name}: running, pid {pid}, {service.url}")
     return 0
 
 
@@ -302,19 +372,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure is one line on stderr naming its cause, exit 1; its traceback goes to the
+    log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    handlers = _configure_logging(args.command, args.verbose)
+    _spare_aws_lookups()
     try:
-        return args.func(args)
+        code = args.func(args)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{args.command} interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        line = errors.failure(args.command, error)
+        if not errors.recognised(error) and args.command not in SERVICES:  # the traceback tells more
+            line += f" (traceback in {log_file_path()})"
+        print(line, file=sys.stderr)
+        return 1
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    if _held is not None:
+        _held.show()
+    return code
 
 
 if __name__ == "__main__":

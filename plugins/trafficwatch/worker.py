@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from trafficwatch import lake, serving, storage
+from trafficwatch import errors, lake, serving, storage
 from trafficwatch.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Worker:
             try:
                 self.raw.relist(self.s3, self.settings.bucket)
             except Exception as error:  # S3 away for a while: the next round tries again
-                log.warning("full listing of raw/ failed: %s", error)
+                log.warning("full listing of raw/ failed: %s", errors.describe(error, self.settings))
             time.sleep(RELIST_RAW_S)
 
     def merge(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +142,8 @@ class Worker:
                 return {"error": str(error), "failed_tests": [], "log": lines}
             except Exception as error:  # the worker outlives any one request; the requester gets the cause
                 log.error("%s failed:\n%s", request.get("op"), traceback.format_exc())
-                return {"error": f"worker: {type(error).__name__}: {error}", "failed_tests": [], "log": lines}
+                cause = f"{errors.describe(error, self.settings)} (in the worker; traceback in its log)"
+                return {"error": cause, "failed_tests": [], "log": lines}
 
 
 def serve(settings: Settings, path: Path | None = None) -> None:
@@ -195,8 +196,11 @@ def _ask(settings: Settings, op: str, **arguments: Any) -> dict[str, Any] | None
     if conn is None:
         return None
     with conn:
-        _send(conn, {"op": op, "home": str(settings.home), "bucket": settings.bucket, **arguments})
-        answer = _receive(conn)
+        try:
+            _send(conn, {"op": op, "home": str(settings.home), "bucket": settings.bucket, **arguments})
+            answer = _receive(conn)
+        except (OSError, ValueError) as error:  # it stopped mid-answer, or answered garbage
+            raise WorkerError(f"the worker on {socket_path(settings)} failed to answer {op}: {error}") from None
     if answer is None:
         raise WorkerError(f"the worker closed the connection before answering {op} (did it stop?)")
     if "mismatch" in answer:
