@@ -358,6 +358,13 @@ def merged_keys(settings: Settings, tables: dict[str, DeltaTable]) -> AbstractSe
     return keys
 
 
+def refused_keys(settings: Settings, tables: dict[str, DeltaTable]) -> set[str]:
+    """The raw keys the merge log holds as refused (quarantined: no record read), e.g. a snapshot dated in
+    the future: landed, but never to be shown."""
+    frame = scan_table(tables[MERGE_LOG], storage_options(settings)).filter(pl.col("record_count") == 0)
+    return set(frame.select("source_key").collect()["source_key"].to_list())
+
+
 def _note_merged(table: DeltaTable, version: int, files: frozenset[str], keys: list[str]) -> None:
     """Add the keys this process just wrote to the merge log to what `merged_keys` knows, without reading
     them back, when its write was the only commit since the version `merged_keys` last read."""
@@ -1230,8 +1237,11 @@ def merge_pending(
 def backfill(settings: Settings, start: datetime, end: datetime, s3: Any = None) -> MergeResult:
     """Merge again every landed snapshot measured in [start, end): idempotent, nothing is duplicated."""
     s3 = s3 or storage.s3_client(settings)
-    chosen = [obj for obj in list_raw(s3, settings.bucket) if start <= measured_at_of(obj.key) < end]
+    landed = list_raw(s3, settings.bucket)
+    chosen = [obj for obj in landed if (when := key_time(obj.key)) is not None and start <= when < end]
     log.info("backfill %s to %s: %d landed snapshots", start.isoformat(), end.isoformat(), len(chosen))
+    if unnamed := sum(1 for obj in landed if key_time(obj.key) is None):
+        log.warning("%d raw objects have a key that names no snapshot time: the merge quarantines them", unnamed)
     return merge_objects(settings, sorted(chosen, key=lambda o: o.key), s3)
 
 
@@ -1288,7 +1298,9 @@ def expire_raw(settings: Settings, retention_days: int, s3: Any, tables: dict[st
     cutoff = datetime.now(UTC) - timedelta(days=retention_days)
     merged = merged_keys(settings, tables)
     expired = [
-        obj.key for obj in list_raw(s3, settings.bucket) if obj.key in merged and measured_at_of(obj.key) < cutoff
+        obj.key
+        for obj in list_raw(s3, settings.bucket)
+        if obj.key in merged and (when := key_time(obj.key)) is not None and when < cutoff
     ]
     for start in range(0, len(expired), 1000):
         batch = [{"Key": key} for key in expired[start : start + 1000]]

@@ -184,8 +184,9 @@ def _served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
     return (latest.astimezone(UTC) if latest else None), (row[0].astimezone(UTC) if row and row[0] else None)
 
 
-def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> Collection[str]:
-    """Raw keys in the merge log, read without creating the table when it does not exist yet."""
+def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> tuple[Collection[str], Collection[str]]:
+    """Raw keys in the merge log, and those of them it refused (quarantined), read without creating the
+    table when it does not exist yet."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
@@ -194,8 +195,9 @@ def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> Collect
     try:
         table = DeltaTable(lake.table_uri(settings, lake.MERGE_LOG), storage_options=storage_options)
     except TableNotFoundError:
-        return frozenset()
-    return lake.merged_keys(settings, {lake.MERGE_LOG: table})
+        return frozenset(), frozenset()
+    tables = {lake.MERGE_LOG: table}
+    return lake.merged_keys(settings, tables), lake.refused_keys(settings, tables)
 
 
 def landed_snapshots(s3: Any, bucket: str) -> dict[str, datetime]:
@@ -230,12 +232,17 @@ def lag(
     options = storage_options if storage_options is not None else lake.storage_options(settings)
     now = now or datetime.now(UTC)
     landed = landed_snapshots(s3, settings.bucket)
-    pending = sorted(set(landed) - _merged_keys(settings, options))
+    merged, refused = _merged_keys(settings, options)
+    pending = sorted(set(landed) - set(merged))
     serving_db = serving_db or serving.serving_db_path(settings)
     served, built_at = _served_latest(serving_db)
-    newest = max(landed, default=None)  # keys sort by upstream time
-    newest_at = measured_at_of(newest) if newest else None
-    unserved = sorted(key for key in landed if served is None or measured_at_of(key) > served)
+    # What the dashboards should show: neither what the merge refused (a snapshot dated 2030 would otherwise
+    # be "newest" forever) nor keys that name no snapshot time (the merge refuses them).
+    showable = {key: lake.key_time(key) for key in landed if key not in refused}
+    showable = {key: when for key, when in showable.items() if when is not None}
+    newest = max(showable, default=None)  # keys sort by upstream time
+    newest_at = showable[newest] if newest else None
+    unserved = sorted(key for key, when in showable.items() if served is None or when > served)
     return {
         "checked_at": _iso(now),
         "newest_landed": {"key": newest, "measured_at": _iso(newest_at), "landed_at": _iso(landed.get(newest))}
