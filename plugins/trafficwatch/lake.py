@@ -629,28 +629,74 @@ def validate(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         _reason(pl.col("point_lon").is_null() & pl.col("point_lat").is_not_null(), "point has no longitude"),
         *_geometry_reasons(),
     ]
-    checked = lazy.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")).collect()
+    facts = geometry_facts(frame["geometry"]).lazy()
+    lazy = lazy.join(facts, on="geometry", how="left", maintain_order="left")
+    checked = (
+        lazy.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"))
+        .drop(GEOMETRY_FACTS)
+        .collect()
+    )
     failed = checked["reason"].is_not_null() & (checked["reason"] != "")
     return checked.filter(~failed).drop("reason"), checked.filter(failed)
+
+
+GEOMETRY_FACTS = {
+    "geometry_kind": pl.String(),
+    "geometry_well_formed": pl.Boolean(),
+    "first_lon": pl.Float64(),
+    "first_lat": pl.Float64(),
+    "last_lon": pl.Float64(),
+    "last_lat": pl.Float64(),
+}
+_known_geometries = pl.DataFrame(schema={"geometry": pl.String(), **GEOMETRY_FACTS})
+KNOWN_GEOMETRIES_MAX = 50_000  # a few networks' worth; beyond, start again
+
+
+def geometry_facts(geometries: pl.Series) -> pl.DataFrame:
+    """Per distinct geometry text: its type, whether it is well formed (lines of two or more [lon, lat]
+    points of finite JSON numbers: NaN, Infinity or null do not match) and its end points.
+
+    The regular expressions cost ~25 ms a snapshot, and a segment's geometry is the same text snapshot
+    after snapshot: what this process has seen is kept, so a steady minute costs a join.
+    """
+    global _known_geometries
+    distinct = geometries.drop_nulls().unique().to_frame("geometry")
+    new = distinct.join(_known_geometries, on="geometry", how="anti")
+    if new.height:
+        text = pl.col("geometry")
+        ends = [
+            text.str.extract(pattern, group).cast(pl.Float64, strict=False).alias(name)
+            for pattern, names in (
+                (_FIRST_POSITION, ("first_lon", "first_lat")),
+                (_LAST_POSITION, ("last_lon", "last_lat")),
+            )
+            for group, name in enumerate(names, start=1)
+        ]
+        new = new.with_columns(
+            GEOMETRY_TYPE.alias("geometry_kind"), text.str.contains(GEOMETRY_SHAPE).alias("geometry_well_formed"), *ends
+        )
+        if _known_geometries.height + new.height > KNOWN_GEOMETRIES_MAX:
+            _known_geometries = _known_geometries.clear()
+        _known_geometries = pl.concat([_known_geometries, new])
+    return distinct.join(_known_geometries, on="geometry", how="left")
 
 
 def _geometry_reasons() -> list[pl.Expr]:
     """A geometry must be a (Multi)LineString of real lines (two points or more, finite numbers) whose ends
     lie near the record's point: a one-number coordinate or a line drawn elsewhere would corrupt lengths,
-    travel-time sums and maps. A record without any geometry (older schemas) is accepted."""
+    travel-time sums and maps. A record without any geometry (older schemas) is accepted. Reads the
+    columns of `geometry_facts`, joined to the rows."""
     geometry = pl.col("geometry")
-    kind = GEOMETRY_TYPE.fill_null("unknown")
-    wrong_type = geometry.is_not_null() & ~GEOMETRY_TYPE.fill_null("").is_in(GEOMETRY_TYPES)
-    malformed = geometry.is_not_null() & ~wrong_type & ~geometry.str.contains(GEOMETRY_SHAPE)
+    kind = pl.col("geometry_kind").fill_null("unknown")
+    wrong_type = geometry.is_not_null() & ~pl.col("geometry_kind").fill_null("").is_in(GEOMETRY_TYPES)
+    malformed = geometry.is_not_null() & ~wrong_type & ~pl.col("geometry_well_formed").fill_null(False)
 
-    def distance_m(pattern: str) -> pl.Expr:
-        lon = geometry.str.extract(pattern, 1).cast(pl.Float64, strict=False)
-        lat = geometry.str.extract(pattern, 2).cast(pl.Float64, strict=False)
-        dx = (lon - pl.col("point_lon")) * 111_320.0 * math.cos(math.radians(48.1))
-        dy = (lat - pl.col("point_lat")) * 110_540.0
+    def distance_m(end: str) -> pl.Expr:
+        dx = (pl.col(f"{end}_lon") - pl.col("point_lon")) * 111_320.0 * math.cos(math.radians(48.1))
+        dy = (pl.col(f"{end}_lat") - pl.col("point_lat")) * 110_540.0
         return (dx * dx + dy * dy).sqrt()
 
-    far = pl.max_horizontal(distance_m(_FIRST_POSITION), distance_m(_LAST_POSITION))
+    far = pl.max_horizontal(distance_m("first"), distance_m("last"))
     point_in_area = pl.col("point_lon").is_between(*LON_RANGE) & pl.col("point_lat").is_between(*LAT_RANGE)
     shaped = geometry.is_not_null() & ~wrong_type & ~malformed & point_in_area.fill_null(False)
     return [
