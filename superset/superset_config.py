@@ -33,10 +33,16 @@ SECRET_KEY = _secret_key()
 
 TRAFFICWATCH_HOME = Path(os.environ.get("TRAFFICWATCH_HOME") or _REPO / ".data")
 DATA_DIR = str(TRAFFICWATCH_HOME / "superset")
-Path(DATA_DIR).mkdir(parents=True, exist_ok=True)
+# Superset's files (metadata with password hashes, caches, uploads) are its owner's only.
+Path(DATA_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+Path(DATA_DIR).chmod(0o700)
 SQLALCHEMY_DATABASE_URI = os.environ.get("SUPERSET_DATABASE_URI") or (
     f"sqlite:///{DATA_DIR}/superset.db?check_same_thread=false"
 )
+if not os.environ.get("SUPERSET_DATABASE_URI"):
+    # SQLite would create the file 0644; it keeps the mode of a file it finds, and gives it to its journals.
+    os.close(os.open(f"{DATA_DIR}/superset.db", os.O_WRONLY | os.O_CREAT, 0o600))
+    Path(DATA_DIR, "superset.db").chmod(0o600)
 UPLOAD_FOLDER = f"{DATA_DIR}/uploads/"
 IMG_UPLOAD_FOLDER = f"{DATA_DIR}/uploads/"
 
@@ -65,6 +71,22 @@ DASHBOARD_AUTO_REFRESH_MODE = "fetch"
 _OSM_TILES = "https://tile.openstreetmap.org"
 DECKGL_BASE_MAP = [[f"{_OSM_TILES}/{{z}}/{{x}}/{{y}}.png", "OpenStreetMap"]]
 
+# Behind an HTTPS proxy (TRAFFICWATCH_TLS_PROXY=1, README "Containers"): the session and remember-me cookies
+# travel over HTTPS only, the proxy's X-Forwarded-For/-Proto/-Host/-Port/-Prefix are trusted (one hop) so that
+# Superset sees the request as HTTPS and builds https URLs, and browsers are told to stay on HTTPS (HSTS).
+# Off by default: on plain http://127.0.0.1 a Secure cookie would never come back and login would fail.
+_TLS_PROXY = os.environ.get("TRAFFICWATCH_TLS_PROXY", "0")
+if _TLS_PROXY not in {"0", "1"}:
+    sys.exit(f"superset_config: TRAFFICWATCH_TLS_PROXY must be 0 or 1, not {_TLS_PROXY!r}")
+BEHIND_TLS_PROXY = _TLS_PROXY == "1"
+SESSION_COOKIE_SECURE = BEHIND_TLS_PROXY
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+REMEMBER_COOKIE_SECURE = BEHIND_TLS_PROXY
+REMEMBER_COOKIE_HTTPONLY = True
+ENABLE_PROXY_FIX = BEHIND_TLS_PROXY
+PROXY_FIX_CONFIG = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
+
 # Superset's default policy, less the hosts we do not use, plus 'unsafe-eval': the maps colour each
 # segment with a js_data_mutator, which Superset runs in an eval sandbox; without it the mutator fails
 # silently and the maps stay blank. Only admins can save chart JavaScript (viewers cannot edit charts).
@@ -83,8 +105,10 @@ TALISMAN_CONFIG = {
         "script-src": ["'self'", "'strict-dynamic'", "'unsafe-eval'"],
     },
     "content_security_policy_nonce_in": ["script-src"],
+    # TLS is the proxy's job (no redirect loop behind it); Talisman sets SESSION_COOKIE_SECURE from this.
     "force_https": False,
-    "session_cookie_secure": False,
+    "session_cookie_secure": BEHIND_TLS_PROXY,
+    "strict_transport_security": BEHIND_TLS_PROXY,
 }
 
 # Dashboard legends are Markdown with coloured swatches: allow inline style, nothing more.

@@ -137,14 +137,15 @@ def write_private(path: Path, content: bytes | str) -> None:
         raise
 
 
-def write_seaweedfs_security(directory: Path) -> Path:
+def write_seaweedfs_security(directory: Path, installed_at: Path | None = None) -> Path:
     """SeaweedFS's security.toml for one start, in `directory` (mode 700, files 600); returns its path.
+    `installed_at`: where weed reads the files, when they are copied there (docker-compose.yml's s3).
 
     Fresh random keys sign the JWTs that the volume server requires for every read and write (the master's
     and filer's HTTP APIs, which would hand them out, are off), and the filer's (were its HTTP API on). A
     fresh CA signs one certificate that SeaweedFS's own components present to each other on gRPC (mutual TLS,
     host names not checked); the CA's key is never written, so no other certificate can be made for it.
-    docker-compose.yml writes the s3 container's with `python -m trafficwatch.services DIRECTORY`.
+    docker-compose.yml writes the s3 container's with `python -m trafficwatch.services DIRECTORY INSTALLED_AT`.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -197,12 +198,13 @@ def write_seaweedfs_security(directory: Path) -> Path:
     def toml(value: str) -> str:
         return json.dumps(value)  # a JSON string is a TOML basic string
 
-    cert, key = toml(str(directory / "seaweedfs.crt")), toml(str(directory / "seaweedfs.key"))
+    read_from = installed_at or directory
+    cert, key = toml(str(read_from / "seaweedfs.crt")), toml(str(read_from / "seaweedfs.key"))
     lines = ["# Written by trafficwatch.services.write_seaweedfs_security at each start; never edit.", ""]
     for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
         lines += [f"[{section}]", f"key = {toml(secrets.token_hex(32))}", "expires_after_seconds = 10", ""]
     lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
-    lines += ["[grpc]", f"ca = {toml(str(directory / 'ca.crt'))}", ""]
+    lines += ["[grpc]", f"ca = {toml(str(read_from / 'ca.crt'))}", ""]
     for component in ("master", "volume", "filer", "s3", "admin", "worker", "client"):
         lines += [f"[grpc.{component}]", f"cert = {cert}", f"key = {key}", ""]
     path = directory / "security.toml"
@@ -328,4 +330,4 @@ def stop(home: Path, name: str, timeout_s: float = 20.0) -> bool:
 
 
 if __name__ == "__main__":  # docker-compose.yml's s3-security service: the s3 container's security.toml
-    print(write_seaweedfs_security(Path(sys.argv[1])))
+    print(write_seaweedfs_security(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -97,3 +97,88 @@ def test_everything_the_compose_file_references_exists() -> None:
     # ... and the services of a real deployment are all there.
     assert {"postgres", "s3", "airflow-scheduler", "airflow-triggerer", "worker", "superset"} <= set(services)
     assert "/docker-entrypoint-initdb.d" in " ".join(services["postgres"]["volumes"])
+
+
+def _flags(command: list[str]) -> set[str]:
+    """The switches of a weed command that hold for any instance (no port, directory, bucket or address)."""
+    instance = ("-dir=", "-bucket=", "-ip", "-config_dir=", "-s3.port=", "-admin.port=")
+    instance += ("-master.port=", "-filer.port=", "-volume.port=")
+    return {arg for arg in command if arg.startswith("-") and not arg.startswith(instance)}
+
+
+def test_compose_s3_is_hardened_like_the_local_one(tmp_path) -> None:
+    """Only S3 serves data: the same switches as `make demo`'s server, whose ports the integration test probes."""
+    from trafficwatch import services
+
+    compose = _compose()["services"]
+    s3 = compose["s3"]
+    local = services.local_s3(tmp_path / "s3", 8333, "trafficwatch").command
+    hardening = {"-disableHttp", "-webdav=false", "-admin.ui=false", "-s3.iam=false", "-s3.port.iceberg=0"}
+    assert hardening <= _flags(local)
+    assert _flags(local) <= set(s3["command"]), "compose's s3 lacks switches that local runs have"
+    assert s3["ports"] == ["127.0.0.1:8333:8333"]  # S3 alone is published
+    # Its security configuration: written by s3-security at every start, installed by start.sh, read by weed.
+    config_dir = next(arg for arg in s3["command"] if arg.startswith("-config_dir="))
+    assert s3["command"].index(config_dir) < s3["command"].index("mini")  # a global option of weed
+    target = config_dir.split("=", 1)[1]
+    start = (REPO / "deploy" / "seaweedfs" / "start.sh").read_text()
+    assert f"target_dir={target}\n" in start
+    writer = compose["s3-security"]["entrypoint"]
+    assert writer[:3] == ["python", "-m", "trafficwatch.services"] and writer[-1] == target
+    source = re.search(r"^source_dir=(\S+)$", start, re.MULTILINE).group(1)
+    assert writer[-2] == source
+    assert f"s3-security:{source}" in compose["s3-security"]["volumes"]
+    assert f"s3-security:{source}:ro" in s3["volumes"]
+    assert s3["depends_on"]["s3-security"]["condition"] == "service_completed_successfully"
+    # The pipeline image owns that directory (700), so a new volume is writable by s3-security alone.
+    assert f"install -d -m 700 -o airflow -g root {source}" in (REPO / "Dockerfile").read_text()
+
+
+def test_superset_has_its_own_postgres_role_and_database() -> None:
+    compose = _compose()["services"]
+    uri = compose["superset"]["environment"]["SUPERSET_DATABASE_URI"]
+    match = re.fullmatch(r"postgresql\+psycopg2://(\w+):\$\{(\w+):\?[^}]*\}@postgres/(\w+)", uri)
+    assert match, uri
+    user, password_variable, database = match.groups()
+    postgres = compose["postgres"]["environment"]
+    assert (user, database) == ("superset", "superset")
+    assert user != postgres["POSTGRES_USER"], "Superset must not log in as Postgres's superuser"
+    assert password_variable != "POSTGRES_PASSWORD"
+    # The init script gets the password from the postgres container's environment, never from the repository.
+    assert postgres[password_variable] == f"${{{password_variable}:?set {password_variable}}}"
+    (script,) = (REPO / "deploy" / "postgres-init").iterdir()
+    text = script.read_text()
+    assert f'superset_password="${password_variable}"' in text
+    assert "PASSWORD :'superset_password'" in text
+    assert "CREATE ROLE superset" in text and "NOSUPERUSER" in text
+    assert "REVOKE ALL ON DATABASE superset FROM PUBLIC" in text
+    assert not re.search(r"PASSWORD\s+'", text), "a literal password in the init script"
+    airflow_uri = _compose()["x-pipeline"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert "@postgres/airflow" in airflow_uri and "superset" not in airflow_uri
+
+
+def test_secure_cookies_behind_a_tls_proxy_are_configured_and_documented() -> None:
+    compose = _compose()["services"]
+    assert compose["superset"]["environment"]["TRAFFICWATCH_TLS_PROXY"] == "${TRAFFICWATCH_TLS_PROXY:-0}"
+    config = (REPO / "superset" / "superset_config.py").read_text()
+    for setting in ("SESSION_COOKIE_SECURE = BEHIND_TLS_PROXY", "ENABLE_PROXY_FIX = BEHIND_TLS_PROXY"):
+        assert setting in config
+    assert '"session_cookie_secure": BEHIND_TLS_PROXY' in config  # Talisman would reset it otherwise
+    apiserver = compose["airflow-apiserver"]
+    assert "--proxy-headers" in apiserver["command"]
+    assert apiserver["environment"]["FORWARDED_ALLOW_IPS"] == "${AIRFLOW_TRUSTED_PROXIES:-}"
+    assert apiserver["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"  # the shared settings stay
+    example, readme = (REPO / ".env.example").read_text(), (REPO / "README.md").read_text()
+    credentials = readme[readme.index("**Credentials.**") : readme.index("**AWS S3.**")]
+    for name in ("TRAFFICWATCH_TLS_PROXY", "AIRFLOW_TRUSTED_PROXIES", "SUPERSET_DB_PASSWORD"):
+        assert re.search(rf"^# {name}=", example, re.MULTILINE), f"{name} is not in .env.example"
+        assert name in credentials, f"{name} is not in the README's Credentials and Containers paragraphs"
+
+
+def test_the_serving_database_is_registered_without_external_access() -> None:
+    bundle = REPO / "superset" / "bundle" / "databases" / "trafficwatch_serving.yaml"
+    connect_args = yaml.safe_load(bundle.read_text())["extra"]["engine_params"]["connect_args"]
+    assert connect_args == {
+        "read_only": True,
+        "config": {"enable_external_access": False, "lock_configuration": True},
+    }
