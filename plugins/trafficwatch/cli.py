@@ -21,7 +21,7 @@ _held: _HeldLog | None = None
 
 
 def log_file_path() -> Path:
-    """The log of every one-shot command, with the traceback of every failure (services have their own)."""
+    """The log of every command (of services: their warnings and errors), with every failure's traceback."""
     home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()  # as load_settings
     return home / "logs" / "trafficwatch.log"
 
@@ -56,8 +56,8 @@ class _HeldLog(logging.Handler):
 
 
 def _configure_logging(command: str, verbose: bool) -> list[logging.Handler]:
-    """Where log records go: for a one-shot command, the log file and the terminal once it succeeded (live
-    with -v); for a service, its stderr only, which is its own log."""
+    """Log records go to the log file, and to stderr: once a one-shot command succeeded, or live with -v or
+    for a service (its stderr is its own log). Tracebacks go to the log file only, unless -v."""
     global _held
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
@@ -65,24 +65,28 @@ def _configure_logging(command: str, verbose: bool) -> list[logging.Handler]:
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     _held = None
+    terminal: logging.Handler
     if command in SERVICES or verbose:
-        terminal: logging.Handler = logging.StreamHandler(sys.stderr)
-        terminal.setFormatter(logging.Formatter(LOG_FORMAT))
+        terminal = logging.StreamHandler(sys.stderr)
     else:
         terminal = _held = _HeldLog()
+    if verbose:
+        terminal.setFormatter(logging.Formatter(LOG_FORMAT))
+    else:
         terminal.setFormatter(_WithoutTraceback(LOG_FORMAT))
+        terminal.addFilter(lambda record: record.name != errors.log.name)  # main prints that line itself
     handlers = [terminal]
-    if command not in SERVICES:
-        path = log_file_path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log_file = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
-        except OSError:  # a read-only home: the terminal line still names the cause
-            log_file = None
-        if log_file is not None:
-            # Many processes append to it: each line says which process and command wrote it.
-            log_file.setFormatter(logging.Formatter(LOG_FORMAT.replace(" ", f" [%(process)d {command}] ", 1)))
-            handlers.append(log_file)
+    path = log_file_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
+    except OSError:  # a read-only home: the terminal line still names the cause
+        log_file = None
+    if log_file is not None:
+        log_file.setLevel(logging.WARNING if command in SERVICES else level)  # services: their log has the rest
+        # Many processes append to it: each line says which process and command wrote it.
+        log_file.setFormatter(logging.Formatter(LOG_FORMAT.replace(" ", f" [%(process)d {command}] ", 1)))
+        handlers.append(log_file)
     for handler in handlers:
         root.addHandler(handler)
     return handlers
@@ -386,10 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.command} interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        line = errors.failure(args.command, error)
-        if not errors.recognised(error) and args.command not in SERVICES:  # the traceback tells more
-            line += f" (traceback in {log_file_path()})"
-        print(line, file=sys.stderr)
+        logged = any(isinstance(handler, logging.FileHandler) for handler in handlers)
+        print(errors.failure(args.command, error, traceback_in=log_file_path() if logged else None), file=sys.stderr)
         return 1
     finally:
         for handler in handlers:

@@ -15,9 +15,11 @@ error can only be of a class whose module is already loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+from pathlib import Path, PurePath
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -52,9 +54,14 @@ NO_CREDENTIALS = re.compile(
 OBJECT_STORE = re.compile(r"S3 error|object.store|Error performing [A-Z]+ https?://|<Code>", re.I)
 
 
-def failure(action: str, error: BaseException, settings: Settings | None = None) -> str:
-    """`<action> failed: <cause>`, one line; the traceback goes to the log (the file, the task log)."""
+def failure(
+    action: str, error: BaseException, settings: Settings | None = None, traceback_in: Path | None = None
+) -> str:
+    """`<action> failed: <cause>`, one line; the traceback goes to the log (the file, the task log). For an
+    error of no known kind, where its traceback is (`traceback_in`) ends the line."""
     line = f"{action} failed: {describe(error, settings)}"
+    if traceback_in is not None and not recognised(error, settings):
+        line += f" (traceback in {traceback_in})"
     log.error(line, exc_info=(type(error), error, error.__traceback__))
     return line
 
@@ -63,7 +70,7 @@ def describe(error: BaseException, settings: Settings | None = None) -> str:
     """The cause of `error` in one line: what went wrong and, when known, the endpoint, bucket, table or key."""
     if settings is None:
         settings = _settings()
-    return recognised(error, settings) or f"{type(error).__name__}: {_first_line(str(error))}"
+    return recognised(error, settings) or f"{type(error).__name__}: {_joined(str(error))}"
 
 
 def recognised(error: BaseException, settings: Settings | None = None) -> str | None:
@@ -88,10 +95,12 @@ def recognised(error: BaseException, settings: Settings | None = None) -> str | 
     delta = _delta(error, text)
     if delta:
         return delta
-    if type(error).__module__.split(".")[0] == "duckdb":
+    if _is(error, "duckdb", "Error"):
         return f"DuckDB {type(error).__name__}: {_first_line(text)}"
     if isinstance(error, ValueError):  # parse errors: JSON, times, encodings; the object they concern first
         subject, message = _subject(error), _first_line(text)
+        if isinstance(error, json.JSONDecodeError):
+            message = f"invalid JSON: {message}"
         if subject is None:
             return None
         return message if subject in message else f"{subject}: {message}"
@@ -109,6 +118,8 @@ def _botocore(error: BaseException, settings: Settings | None) -> str | None:
         return None
     if isinstance(error, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
         return _no_credentials()
+    if isinstance(error, exceptions.ParamValidationError):  # e.g. a bucket name S3 would refuse
+        return f"S3 request not sent: {_joined(str(error))}"
     if isinstance(error, exceptions.EndpointConnectionError | exceptions.ConnectTimeoutError):
         url = str(error.kwargs.get("endpoint_url", ""))
         reason = _unreachable(str(error.kwargs.get("error", ""))) or _unreachable(str(error)) or "connection failed"
@@ -209,25 +220,35 @@ def _delta(error: BaseException, text: str) -> str | None:
 
 
 def _subject(error: BaseException) -> str | None:
-    """The table or object the failing code was working on: the innermost frame of ours (or delta-rs')
-    that holds a Delta table, a table `uri` or an object `key`. Errors raised by delta-rs or strptime do
-    not say which table or raw key they concern; the frames that called them do."""
-    tb: TracebackType | None = error.__traceback__
+    """The table, object or file the failing code was working on, as the innermost frame of ours or delta-rs'
+    that holds one says: a Delta table, a table `uri`, an object `key` or a file `path`. delta-rs, strptime
+    and json do not say which table, raw key or file they failed on; the frames that called them do."""
     frames = []
+    tb: TracebackType | None = error.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        module = frame.f_globals.get("__name__", "")
-        if not module.startswith(("trafficwatch", "deltalake")):
-            continue
-        for name, value in frame.f_locals.items():
-            if type(value).__name__ == "DeltaTable" and hasattr(value, "table_uri"):
-                return str(value.table_uri).rstrip("/")
-            if name == "uri" and isinstance(value, str) and "://" in value:
-                return value.rstrip("/")
-            if name == "key" and isinstance(value, str) and "/" in value:
-                return value
+        if frame.f_globals.get("__name__", "").startswith(("trafficwatch", "deltalake")):
+            for name, value in frame.f_locals.items():
+                subject = _named(name, value)
+                if subject:
+                    return subject
+    return None
+
+
+def _named(name: str, value: object) -> str | None:
+    if type(value).__name__ == "DeltaTable":
+        try:
+            return str(value.table_uri).rstrip("/")  # type: ignore[attr-defined]
+        except Exception:  # a table whose opening failed has no URI yet
+            return None
+    if name in ("uri", "table_uri") and isinstance(value, str) and "://" in value:
+        return value.rstrip("/")
+    if name == "key" and isinstance(value, str) and "/" in value:
+        return value
+    if name == "path" and isinstance(value, PurePath):
+        return str(value)
     return None
 
 
@@ -235,6 +256,11 @@ def _is(error: BaseException, module: str, name: str) -> bool:
     loaded = sys.modules.get(module)
     cls = getattr(loaded, name, None) if loaded else None
     return isinstance(cls, type) and isinstance(error, cls)
+
+
+def _joined(text: str) -> str:
+    """A multi-line message of unknown shape as one line: its lines joined."""
+    return _first_line(" ".join(line.strip() for line in text.splitlines()))
 
 
 def _first_line(text: str, limit: int | None = MAX_LENGTH) -> str:
