@@ -6,8 +6,8 @@ traffic_observations holds the distinct (segment, minute) of the good input, roa
 versions computed from the good snapshots, nothing landed is pending, every bad body is in quarantine/
 with its reason in the object's metadata, and bad rows are in rejected_records with theirs.
 
-1. S3 cut by a proxy at each request of a merge (and the answer to each write lost, and S3 gone for
-   good from each write on, through the CLI), then a normal merge.
+1. S3 cut by a proxy at each request of a merge, the answer to each write lost, and S3 gone for good
+   from the first or the last write of a CLI merge (which must fail in one line); then a normal merge.
 2. SIGKILL of `trafficwatch merge` at each of its S3 requests, then a rerun.
 3. Two concurrent `trafficwatch merge` on a fresh lake and on one with history, segments changing.
 4. Backfill of older snapshots (other segment attributes) under newer merged ones; a replay.
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +45,7 @@ from tests.support import faultdata, reference
 from tests.support.faultdata import Poison, Snapshot
 from tests.support.rawfeed import RawFeed
 from tests.support.s3proxy import CUT, DROP_RESPONSE, HOOK, WRITES, S3Proxy
+from tests.support.warm import WarmProcesses
 from trafficwatch import lake, storage
 from trafficwatch.config import Settings, load_settings
 from trafficwatch.feed import FeedConfig, start_in_thread
@@ -67,20 +68,66 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNIN
 # --------------------------------------------------------------------------- settings, buckets, landing
 
 
-@pytest.fixture
-def settings(s3_settings: Settings) -> Settings:
-    """A fresh bucket; small snapshots are whole snapshots here (min_records below their 40 records)."""
-    return dataclasses.replace(s3_settings, min_records=faultdata.MIN_RECORDS)
-
-
 def s3_client(settings: Settings) -> Any:
-    return storage.s3_client(settings)
+    return _s3_client(settings.s3_endpoint_url, settings.aws_region)
 
 
-def new_bucket(settings: Settings) -> Settings:
-    bucket = f"tw-fi-{uuid.uuid4().hex[:12]}"
-    s3_client(settings).create_bucket(Bucket=bucket)
-    return dataclasses.replace(settings, bucket=bucket)
+@functools.cache
+def _s3_client(endpoint: str | None, region: str) -> Any:
+    """One boto3 client per endpoint (making one costs tens of milliseconds; they are thread-safe)."""
+    return storage.s3_client(dataclasses.replace(load_settings(), s3_endpoint_url=endpoint, aws_region=region))
+
+
+@pytest.fixture(scope="module")
+def module_settings(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings on the session's S3 server, where small snapshots are whole snapshots (min_records below
+    their 40 records)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", s3_server)
+        env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("TRAFFICWATCH_HOME", str(tmp_path_factory.mktemp("fault-home")))
+        env.setenv("TRAFFICWATCH_MIN_RECORDS", str(faultdata.MIN_RECORDS))
+        env.setenv("TRAFFICWATCH_HTTP_TIMEOUT", "2")
+        env.setenv("TRAFFICWATCH_FETCH_BUDGET", "10")
+        return load_settings()
+
+
+@pytest.fixture(scope="module")
+def new_bucket(module_settings: Settings) -> Iterator[Callable[[], Settings]]:
+    """Makes buckets (settings for each), all deleted at the module's end. Few: SeaweedFS gives every bucket
+    volumes of its own and runs out of them after some 120 buckets, after which every write fails."""
+    made: list[str] = []
+
+    def make() -> Settings:
+        bucket = f"tw-fi-{uuid.uuid4().hex[:12]}"
+        s3_client(module_settings).create_bucket(Bucket=bucket)
+        made.append(bucket)
+        return dataclasses.replace(module_settings, bucket=bucket)
+
+    yield make
+    for bucket in made:
+        empty_bucket(module_settings, bucket)
+        s3_client(module_settings).delete_bucket(Bucket=bucket)
+
+
+def empty_bucket(settings: Settings, bucket: str) -> None:
+    s3 = s3_client(settings)
+    keys = storage.list_keys(s3, bucket, "")
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": key} for key in keys[start : start + 1000]]
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+@pytest.fixture(scope="module")
+def workbench(new_bucket: Callable[[], Settings]) -> Settings:
+    return new_bucket()
+
+
+@pytest.fixture
+def settings(workbench: Settings) -> Settings:
+    """The module's one working bucket, emptied: every test starts from nothing."""
+    empty_bucket(workbench, workbench.bucket)
+    return workbench
 
 
 def put(settings: Settings, key: str, body: bytes) -> None:
@@ -274,27 +321,16 @@ def good() -> list[Snapshot]:
 
 
 @pytest.fixture(scope="module")
-def module_settings(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings for the module's own buckets (templates, request counts), as `settings` would give."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", s3_server)
-        env.setenv("AWS_REGION", "us-east-1")
-        env.setenv("TRAFFICWATCH_HOME", str(tmp_path_factory.mktemp("fault-home")))
-        env.setenv("TRAFFICWATCH_MIN_RECORDS", str(faultdata.MIN_RECORDS))
-        return load_settings()
-
-
-@pytest.fixture(scope="module")
 def proxy(s3_server: str) -> Iterator[S3Proxy]:
     with S3Proxy(s3_server) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def template(module_settings: Settings, good: list[Snapshot]) -> str:
+def template(new_bucket: Callable[[], Settings], good: list[Snapshot]) -> str:
     """A bucket where the first good snapshot is merged and the two others (segment changes) are landed:
     the merge that the proxy tests interrupt. Tests copy it into their own bucket."""
-    settings = new_bucket(module_settings)
+    settings = new_bucket()
     land(settings, good[:1])
     lake.merge_pending(settings)
     land(settings, good[1:])
@@ -306,9 +342,9 @@ def from_template(settings: Settings, template: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def merge_requests(module_settings: Settings, template: str, proxy: S3Proxy) -> dict[str, int]:
+def merge_requests(new_bucket: Callable[[], Settings], template: str, proxy: S3Proxy) -> dict[str, int]:
     """Count mode: the S3 requests and writes of the template's pending merge, in this process."""
-    settings = new_bucket(module_settings)
+    settings = new_bucket()
     from_template(settings, template)
     proxy.arm(10**9)
     lake.merge_pending(through(settings, proxy))
@@ -318,9 +354,9 @@ def merge_requests(module_settings: Settings, template: str, proxy: S3Proxy) -> 
 
 
 @pytest.fixture(scope="module")
-def cli_merge_requests(module_settings: Settings, template: str, proxy: S3Proxy) -> int:
+def cli_merge_requests(new_bucket: Callable[[], Settings], template: str, proxy: S3Proxy) -> int:
     """Count mode: the S3 requests of `trafficwatch merge` on the template's pending snapshots."""
-    settings = new_bucket(module_settings)
+    settings = new_bucket()
     from_template(settings, template)
     proxy.arm(10**9)
     run = subprocess.run(
@@ -398,25 +434,30 @@ def test_s3_gone_from_a_write_on_fails_the_cli_merge_in_one_line(
 # --------------------------------------------------------------------------- 2. SIGKILL at each request
 
 
+@pytest.fixture(scope="module")
+def warm_merges(s3_server: str, workbench: Settings) -> Iterator[WarmProcesses]:
+    """`trafficwatch merge` processes on the working bucket, started ahead and held at their first request."""
+    processes = WarmProcesses(s3_server, [TRAFFICWATCH, "merge"], lambda endpoint: cli_env(workbench, endpoint))
+    yield processes
+    processes.close()
+
+
 @pytest.mark.parametrize("at", range(1, MAX_MERGE_REQUESTS + 1), ids=lambda n: f"request-{n}")
-def test_sigkill_at_each_request_of_a_cli_merge(at, settings, good, template, proxy, cli_merge_requests) -> None:
+def test_sigkill_at_each_request_of_a_cli_merge(at, settings, good, template, warm_merges, cli_merge_requests) -> None:
     if at > cli_merge_requests:
         pytest.skip("the merge makes fewer requests")
-    from_template(settings, template)
-    started = threading.Event()
-    merge: list[subprocess.Popen[bytes]] = []
-
-    def kill() -> None:  # in the proxy, before request `at` goes out
-        started.wait(30)
-        os.kill(merge[0].pid, signal.SIGKILL)
-
-    proxy.arm(at, HOOK, hook=kill)
-    merge.append(subprocess.Popen([TRAFFICWATCH, "merge"], env=cli_env(settings, proxy.url), stderr=subprocess.PIPE))
-    started.set()
-    _, stderr = merge[0].communicate(timeout=120)
-    assert proxy.fired, f"the merge ended before request {at}: {stderr.decode()[-2000:]}"
-    assert merge[0].returncode == -signal.SIGKILL
-    proxy.reset()
+    held = warm_merges.take()  # started (by the previous test, usually), waiting at its first S3 request
+    try:
+        from_template(settings, template)
+        held.proxy.arm(at, HOOK, hook=lambda: os.kill(held.process.pid, signal.SIGKILL))  # before `at` goes out
+        held.proxy.release()
+        _, stderr = held.process.communicate(timeout=120)
+    finally:
+        held.proxy.close()
+    assert held.proxy.fired, f"the merge ended before request {at}: {stderr.decode()[-2000:]}"
+    assert held.process.returncode == -signal.SIGKILL
+    if at < cli_merge_requests:
+        warm_merges.prepare()  # the next test's process starts up while this one checks
     lake.merge_pending(settings)
     assert_lake_holds(settings, [snapshot.payload for snapshot in good])
 

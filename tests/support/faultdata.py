@@ -139,7 +139,8 @@ def _feature(geometry: dict[str, Any]) -> dict[str, Any]:
 
 
 def poisons(sample_bytes: bytes, first_minute: int = 30) -> list[Poison]:
-    """Every poison of issue 11, each at its own minute from `first_minute` on (every 3 minutes)."""
+    """Every poison of issue 11, each at its own minute from `first_minute` on (every 3 minutes), and two
+    controls that the merge and the ingest already handled before issue 11."""
     records = base_records(sample_bytes)
     minutes = iter(range(first_minute, first_minute + 3 * 100, 3))
     shape = records[0]["geo_shape"]["geometry"]["type"]
@@ -163,6 +164,9 @@ def poisons(sample_bytes: bytes, first_minute: int = 30) -> list[Poison]:
     null_latitude = {7: {"geo_point_2d": {"lon": -1.68, "lat": None}}}
     in_paris = {8: _feature({"type": "MultiLineString", "coordinates": [[[2.35, 48.85], [2.3512, 48.8507]]]})}
     one_record_at, bad_key_at, not_gzip_at = next(minutes), next(minutes), next(minutes)
+    two_datetimes_at = next(minutes)
+    two_datetimes = records_at(records, two_datetimes_at)
+    two_datetimes[-1]["datetime"] = moment(two_datetimes_at + 1).isoformat()
     return [
         _answer("latin1", latin1_at, text.encode("latin-1"), r"not UTF-8|invalid JSON"),
         _answer("surrogate", surrogate_at, surrogate, r"not UTF-8|invalid JSON"),
@@ -195,4 +199,7 @@ def poisons(sample_bytes: bytes, first_minute: int = 30) -> list[Poison]:
             r"not a snapshot key",
         ),
         Poison("not-gzip", raw_key_at(moment(not_gzip_at)), snapshot(records, not_gzip_at), None, r"gzip"),
+        # Controls: bad input that the code of 2026-11 already handles, so the checks are seen to pass.
+        _answer("two-datetimes", two_datetimes_at, json.dumps(two_datetimes).encode(), r"inconsistent snapshot"),
+        _rows("speed-420", records, next(minutes), {9: {"averagevehiclespeed": 420}}, r"outside 0-200"),
     ]

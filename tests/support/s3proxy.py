@@ -12,7 +12,8 @@ connections (1, 2, ...) and, at the request armed with `arm(n, ...)`:
 
 The fault fires once per `arm` (or, `lasting`, cuts every request from then on: S3 is gone), counting
 every request or only those of some methods (`WRITES`). Responses are relayed unparsed. `requests` and
-`seen` tell what went through since the last `arm` or `reset`, as a count mode.
+`seen` tell what went through since the last `arm` or `reset`, as a count mode. `hold` keeps requests
+waiting until `release`: a process started ahead stops at its first request, its start-up done.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ class S3Proxy:
         self._fault: _Fault | None = None
         self._connections: set[_Connection] = set()
         self._stopping = threading.Event()
+        self._open = threading.Event()  # the gate: requests wait here while it is shut (`hold`)
+        self._open.set()
         self._thread = threading.Thread(target=self._accept, name="s3proxy-accept", daemon=True)
 
     @property
@@ -205,6 +208,7 @@ class S3Proxy:
 
     def close(self) -> None:
         self._stopping.set()
+        self._open.set()
         with contextlib.suppress(OSError):
             self._listener.close()
         self.drop_connections()
@@ -219,10 +223,18 @@ class S3Proxy:
 
     # -- counting and faults ---------------------------------------------------------------------
 
+    def hold(self) -> None:
+        """Keep every request waiting, uncounted, until `release()`: a client started ahead waits there."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def reset(self) -> None:
-        """Count from zero again, with no fault armed."""
+        """Count from zero again, with no fault armed, and close the connections kept alive so far."""
         with self._lock:
             self._count, self._seen, self._fault = 0, [], None
+        self.drop_connections()
 
     def arm(
         self,
@@ -236,13 +248,11 @@ class S3Proxy:
 
         With `methods` (e.g. WRITES), only requests with one of those methods are numbered for the
         fault. With `lasting`, every request after it is cut too: the server is gone for good.
-        Connections kept alive from earlier clients are closed first.
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
         if (action == HOOK) != (hook is not None):
             raise ValueError("a hook goes with the HOOK action, and only with it")
-        self.drop_connections()
         with self._lock:
             self._count, self._seen = 0, []
             self._fault = _Fault(at, action, hook, methods, lasting)
@@ -263,6 +273,7 @@ class S3Proxy:
             return self._fault is not None and self._fault.fired.is_set()
 
     def _on_request(self, method: str, target: str) -> str | None:
+        self._open.wait()
         with self._lock:
             self._count += 1
             self._seen.append(SeenRequest(self._count, method, target))
