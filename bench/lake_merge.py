@@ -683,7 +683,7 @@ def measure_singles(s3: Any, histories: dict[int, dict[str, Any]]) -> dict[int, 
 # --------------------------------------------------------------------------- --profile: where the time goes
 
 # lake.py's steps, timed by wrapping the module's functions in the profiling process only (lake.py is not
-# changed). Steps nest: `_segment_changes` is part of `merge_segments`, `may_hold` of the writes. `prepare`
+# changed). Steps nest: `_rewrite_versions` is part of `merge_segments`, `may_hold` of the writes. `prepare`
 # (download, parse, validate, dedupe) runs in worker processes for batches of PROCESSES_FROM objects or more:
 # there, only the main process's wait for the prepared batches shows.
 PHASES = (
@@ -694,8 +694,9 @@ PHASES = (
     ("lake.merge_rejected", "write rejected_records"),
     ("lake.merge_observations", "write traffic_observations (append, or MERGE if not new)"),
     ("lake.may_hold", "  may the table hold these rows? (Delta log statistics)"),
-    ("lake.merge_segments", "road_segments: read current + changes + MERGE"),
-    ("lake._segment_changes", "  segments change detection"),
+    ("lake.validate", "  validate rows (in prepare)"),
+    ("lake.merge_segments", "road_segments: touched segments (none in a steady minute), after the observations"),
+    ("lake._rewrite_versions", "  recompute and write the versions of touched segments"),
     ("lake.append_merge_log", "write merge_log"),
     ("lake.merge_objects", "merge_objects, total"),
 )
