@@ -1,0 +1,70 @@
+"""Behind an HTTPS proxy (TRAFFICWATCH_TLS_PROXY=1) Superset's session cookie is Secure and HSTS is sent;
+without it (plain http://127.0.0.1, the local default) the cookie is not, or no login would ever work.
+
+Superset's real application (superset_config.py through create_app) answers the login page in its own
+environment, on the test session's bootstrapped metadata, as a proxy would forward it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from .conftest import REPO, SUPERSET_PYTHON, SupersetInstance
+
+pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(600)]
+
+CONFIG = REPO / "superset" / "superset_config.py"
+
+LOGIN_PAGE = """
+import json, logging
+logging.disable(logging.CRITICAL)
+from superset.app import create_app
+with create_app().test_client() as client:
+    response = client.get("/login/", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "traffic.example"})
+    print(json.dumps({"status": response.status_code, "cookies": response.headers.getlist("Set-Cookie"),
+                      "hsts": response.headers.get("Strict-Transport-Security")}))
+"""
+
+
+def login_page(superset: SupersetInstance, tls_proxy: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SUPERSET_PYTHON), "-c", LOGIN_PAGE],
+        env={**superset.env, "SUPERSET_CONFIG_PATH": str(CONFIG), "TRAFFICWATCH_TLS_PROXY": tls_proxy},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def session_cookie(answer: dict) -> list[str]:
+    (cookie,) = [c for c in answer["cookies"] if c.startswith("session=")]
+    return [part.strip() for part in cookie.split(";")]
+
+
+def test_behind_a_tls_proxy_the_session_cookie_is_secure(superset: SupersetInstance) -> None:
+    done = login_page(superset, "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["status"] == 200
+    assert {"Secure", "HttpOnly", "SameSite=Lax"} <= set(session_cookie(answer))
+    assert answer["hsts"] and answer["hsts"].startswith("max-age=")
+
+
+def test_without_a_proxy_the_cookie_works_on_plain_http(superset: SupersetInstance) -> None:
+    done = login_page(superset, "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["status"] == 200
+    parts = session_cookie(answer)
+    assert "Secure" not in parts and "HttpOnly" in parts
+    assert answer["hsts"] is None
+
+
+def test_a_misspelt_setting_is_refused(superset: SupersetInstance) -> None:
+    done = login_page(superset, "yes")
+    assert done.returncode != 0
+    assert "TRAFFICWATCH_TLS_PROXY must be 0 or 1" in done.stderr
