@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import logging.handlers
@@ -101,6 +103,25 @@ def _spare_aws_lookups() -> None:
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+class _LogWriter(io.TextIOBase):
+    """A text stream whose lines become log records: dbt's console output follows the command's log."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info(line.rstrip())
+        return len(text)
+
+
 def _say(text: str) -> None:
     """A command's result, on stdout, after the log lines held for the terminal."""
     if _held is not None:
@@ -164,7 +185,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from trafficwatch import worker
 
-    _say(worker.build_marts(load_settings(), full_refresh=args.full_refresh).summary())
+    with contextlib.redirect_stdout(_LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
+        result = worker.build_marts(load_settings(), full_refresh=args.full_refresh)
+    _say(result.summary())
     return 0
 
 

@@ -42,7 +42,7 @@ UNREACHABLE = (  # how an HTTP client says the server could not be reached, and 
     (re.compile(r"connection refused|os error 111|errno 111", re.I), "connection refused"),
     (re.compile(r"dns error|failed to lookup address|name or service not known|failed to resolve|"
                 r"nodename nor servname|temporary failure in name resolution", re.I), "host name not resolved"),
-    (re.compile(r"timed out|timeout", re.I), "timed out"),
+    (re.compile(r"timed out|\btime ?out\b", re.I), "timed out"),  # not delta-rs' "retry_timeout: 180s"
     (re.compile(r"error sending request|tcp connect error|could not connect|connection reset|"
                 r"connection aborted|unable to connect", re.I), "connection failed"),
 )  # fmt: skip
@@ -81,8 +81,9 @@ def recognised(error: BaseException, settings: Settings | None = None) -> str | 
     # Ours, already one line for people.
     if _is(error, "trafficwatch.landing", "IngestError") or _is(error, "trafficwatch.worker", "WorkerError"):
         return _first_line(text, limit=None)
-    if _is(error, "trafficwatch.serving", "BuildError"):
-        return _first_line(text, limit=None)
+    if _is(error, "trafficwatch.serving", "BuildError"):  # dbt's message, which may hide an S3 failure
+        s3 = _object_store(text, settings) if OBJECT_STORE.search(text) else None
+        return f"{s3} (dbt build; serving file not published)" if s3 else _first_line(text, limit=None)
     if _is(error, "trafficwatch.source", "SourceError"):
         return _first_line(getattr(error, "reason", text), limit=None)
     boto = _botocore(error, settings)
@@ -147,6 +148,8 @@ def _object_store(text: str, settings: Settings | None) -> str | None:
         return _s3_code(
             code.group(1), bucket.group(1) if bucket else (settings.bucket if settings else "?"), settings, ""
         )
+    if "lacked the necessary privileges" in text:  # 403 without the body's code (cut short)
+        return _s3_code("403", settings.bucket if settings else "?", settings, "")
     url = S3_URL.search(text)
     reason = _unreachable(text)
     if reason:

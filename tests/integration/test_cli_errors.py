@@ -97,6 +97,24 @@ def test_wrong_keys(command, s3_settings, request) -> None:
         )
 
 
+@pytest.mark.parametrize("fault", ["unreachable", "wrong keys"])
+def test_build(fault, s3_settings, closed_port) -> None:
+    """dbt's own S3 client fails inside the build: the line names the cause, dbt's output is in the log."""
+    env = {"TRAFFICWATCH_SERVING_DB": str(s3_settings.home / "serving" / "traffic.duckdb")}
+    if fault == "unreachable":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{closed_port}"
+        cause = f"S3 endpoint http://127.0.0.1:{closed_port} unreachable ("
+    else:
+        env["AWS_ACCESS_KEY_ID"] = "wrong" + uuid.uuid4().hex[:8]
+        cause = f"S3 answered 403 Forbidden for bucket {s3_settings.bucket}: wrong keys"
+    done = run("build", **env)
+    line = one_line_failure(done, s3_settings)
+    assert line.startswith(f"build failed: {cause}")
+    assert line.endswith("(dbt build; serving file not published)")
+    assert done.stdout == ""  # dbt's console output went to the log file
+    assert "Running with dbt=" in (s3_settings.home / "logs" / "trafficwatch.log").read_text()
+
+
 @pytest.mark.parametrize("command", [("status",), ("merge",)], ids=_command_ids)
 def test_wrong_secret(command, s3_settings) -> None:
     line = one_line_failure(run(*command, AWS_SECRET_ACCESS_KEY="not-the-secret"), s3_settings)

@@ -1,0 +1,71 @@
+"""Every DAG task fails with one line naming the cause, the same line `trafficwatch` prints.
+
+Each task's function runs as Airflow would call it, against an S3 endpoint nothing listens on; one DAG
+also runs whole with dag.test().
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk.exceptions import AirflowException
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.airflow, pytest.mark.integration]
+
+# (DAG, task, what the line says failed)
+TASKS = [
+    ("traffic_ingest", "fetch_and_land", "ingest"),
+    ("traffic_merge", "merge_pending_snapshots", "merge"),
+    ("lake_maintenance", "compact_checkpoint_vacuum", "maintenance"),
+]
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db) -> dict:
+    return DagBag(dag_folder=str(REPO / "dags")).dags
+
+
+@pytest.fixture
+def closed_endpoint(s3_settings, monkeypatch) -> str:
+    """The test's settings, but S3 at a loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    return endpoint
+
+
+@pytest.mark.parametrize(("dag_id", "task_id", "action"), TASKS, ids=[task for _, task, _ in TASKS])
+def test_task_fails_with_one_line_naming_the_cause(dag_id, task_id, action, dags, closed_endpoint, request) -> None:
+    if dag_id == "traffic_ingest":
+        request.getfixturevalue("feed")  # the snapshot is fetched; landing it fails
+    task = dags[dag_id].get_task(task_id)
+    with pytest.raises(AirflowException) as failure:
+        task.python_callable()
+    assert str(failure.value) == f"{action} failed: S3 endpoint {closed_endpoint} unreachable (connection refused)"
+    assert failure.value.__suppress_context__  # raised `from None`: Airflow shows this line, not a chain
+
+
+def test_marts_task_fails_with_one_line(dags, s3_settings, monkeypatch) -> None:
+    monkeypatch.setenv("TRAFFICWATCH_SERVING_DAYS", "a week")
+    task = dags["traffic_marts"].get_task("build_and_publish_marts")
+    with pytest.raises(AirflowException) as failure:
+        task.python_callable()
+    assert str(failure.value) == (
+        "build failed: configuration error: TRAFFICWATCH_SERVING_DAYS='a week' is not a whole number of days"
+    )
+
+
+def test_a_dag_run_fails_with_that_line_in_its_log(dags, closed_endpoint, capfd, monkeypatch) -> None:
+    dag = dags["lake_maintenance"]
+    monkeypatch.setattr(dag.get_task("compact_checkpoint_vacuum"), "retries", 0)  # fail now, not in 2 minutes
+    run = dag.test()
+    (task,) = run.get_task_instances()
+    assert (run.state, task.state) == ("failed", "failed")
+    output = capfd.readouterr()
+    line = f"maintenance failed: S3 endpoint {closed_endpoint} unreachable (connection refused)"
+    assert line in output.out + output.err
