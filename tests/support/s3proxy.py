@@ -210,6 +210,8 @@ class S3Proxy:
         self._stopping.set()
         self._open.set()
         with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would not
+        with contextlib.suppress(OSError):
             self._listener.close()
         self.drop_connections()
         self._thread.join(timeout=5)
