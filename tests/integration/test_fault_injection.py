@@ -508,14 +508,13 @@ def test_backfill_of_older_snapshots_with_other_segment_attributes_then_a_replay
         faultdata.snapshot_at(records, 25, {7: {"sens_circule": None}, 8: {"insee": 35051}}),  # between the merged
     ]
     land(settings, older)
-    result = lake.backfill(settings, faultdata.moment(0), faultdata.moment(25) + timedelta(minutes=1))
-    assert result.merged_objects == 4  # the three older ones and the replayed 20-minute one
+    # The three older ones, and the 20-minute one again.
+    lake.backfill(settings, faultdata.moment(0), faultdata.moment(25) + timedelta(minutes=1))
     everything = [snapshot.payload for snapshot in older + newer]
     assert_lake_holds(settings, everything)
 
     before = lake_state(settings)
-    replay = lake.backfill(settings, faultdata.moment(0), faultdata.moment(30) + timedelta(minutes=1))
-    assert replay.merged_objects == 5
+    lake.backfill(settings, faultdata.moment(0), faultdata.moment(30) + timedelta(minutes=1))
     after = lake_state(settings)
     assert [name for name in before if before[name] != after[name]] == [], "a replay changed the lake"
     assert_lake_holds(settings, everything)
