@@ -10,8 +10,10 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 from trafficwatch import errors, services
 from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
@@ -20,6 +22,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
 SERVICES = ("worker", "feed")
 _held: _HeldLog | None = None
+_stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's own lines (see _other_output_to)
 
 
 def log_file_path() -> Path:
@@ -53,7 +56,7 @@ class _HeldLog(logging.Handler):
 
     def show(self) -> None:
         for line in self.lines:
-            print(line, file=sys.stderr)
+            print(line, file=_stderr)
         self.lines.clear()
 
 
@@ -169,7 +172,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from trafficwatch import lake
 
     if args.end <= args.start:
-        print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=sys.stderr)
+        print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=_stderr)
         return 2
     _say(lake.backfill(load_settings(), args.start, args.end).summary())
     return 0
@@ -256,7 +259,7 @@ def _cmd_service(args: argparse.Namespace) -> int:
     try:
         pid = services.start(service, home)
     except RuntimeError as error:  # its own one line: exited with code N, see its log
-        print(f"{args.name}: {error}", file=sys.stderr)
+        print(f"{args.name}: {error}", file=_stderr)
         return 1
     _say(f"{args.name}: running, pid {pid}, {service.url}")
     return 0
@@ -401,28 +404,66 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A failure is one line on stderr naming its cause, exit 1; its traceback goes to the
     log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log)."""
+    global _stderr
+    _stderr = sys.stderr
     args = build_parser().parse_args(argv)
     handlers = _configure_logging(args.command, args.verbose)
+    log_file = log_file_path() if any(isinstance(handler, logging.FileHandler) for handler in handlers) else None
     _spare_aws_lookups()
+    quiet = log_file is not None and not args.verbose and args.command not in SERVICES
     try:
-        code = args.func(args)
-    except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{args.command} interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        logged = any(isinstance(handler, logging.FileHandler) for handler in handlers)
-        print(errors.failure(args.command, error, traceback_in=log_file_path() if logged else None), file=sys.stderr)
-        return 1
+        with _other_output_to(log_file) if quiet else contextlib.nullcontext():
+            return _run(args, log_file)
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+def _run(args: argparse.Namespace, log_file: Path | None) -> int:
+    try:
+        code = args.func(args)
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=_stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{args.command} interrupted", file=_stderr)
+        return 130
+    except Exception as error:
+        print(errors.failure(args.command, error, traceback_in=log_file), file=_stderr)
+        return 1
     if _held is not None:
         _held.show()
     return code
+
+
+@contextlib.contextmanager
+def _other_output_to(log_file: Path) -> Iterator[None]:
+    """Send to the log file whatever else writes to stderr: Rust panics and warnings of delta-rs, polars and
+    their object store (written straight to file descriptor 2), Python warnings, libraries' prints. The
+    terminal's stderr is kept for the command's own lines (`_stderr`)."""
+    global _stderr
+    entry = sys.stderr
+    entry.flush()
+    saved = os.dup(2)
+    try:
+        on_fd_2 = entry.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced by a capture (tests): not the terminal's fd
+        on_fd_2 = False
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace") if on_fd_2 else entry
+    log_stream = open(log_file, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    os.dup2(log_stream.fileno(), 2)
+    _stderr, sys.stderr = terminal, log_stream
+    try:
+        yield
+    finally:
+        terminal.flush()
+        _stderr, sys.stderr = entry, entry
+        os.dup2(saved, 2)
+        os.close(saved)
+        log_stream.close()
+        if terminal is not entry:
+            terminal.close()
 
 
 if __name__ == "__main__":
