@@ -157,6 +157,10 @@ def _object_store(text: str, settings: Settings | None) -> str | None:
     status = re.search(r"\b(403 Forbidden|404 Not Found|5\d\d [A-Za-z ]+)", text)
     if status:
         return _s3_code(status.group(1).split()[0], settings.bucket if settings else "?", settings, status.group(1))
+    retries = re.search(r"after (\d+) retries", text)  # no status, no code: the cause cut off (dbt's message)
+    if url and retries:
+        endpoint = _endpoint(settings, url.group(1))
+        return f"S3 endpoint {endpoint} unreachable (no answer after {retries.group(1)} retries)"
     return None
 
 
