@@ -59,8 +59,9 @@ def failure(
 ) -> str:
     """`<action> failed: <cause>`, one line; the traceback goes to the log (the file, the task log). For an
     error of no known kind, where its traceback is (`traceback_in`) ends the line."""
-    line = f"{action} failed: {describe(error, settings)}"
-    if traceback_in is not None and not recognised(error, settings):
+    cause = recognised(error, settings or _settings())
+    line = f"{action} failed: {cause or _unknown(error)}"
+    if cause is None and traceback_in is not None:
         line += f" (traceback in {traceback_in})"
     log.error(line, exc_info=(type(error), error, error.__traceback__))
     return line
@@ -68,9 +69,7 @@ def failure(
 
 def describe(error: BaseException, settings: Settings | None = None) -> str:
     """The cause of `error` in one line: what went wrong and, when known, the endpoint, bucket, table or key."""
-    if settings is None:
-        settings = _settings()
-    return recognised(error, settings) or f"{type(error).__name__}: {_joined(str(error))}"
+    return recognised(error, settings or _settings()) or _unknown(error)
 
 
 def recognised(error: BaseException, settings: Settings | None = None) -> str | None:
@@ -263,6 +262,11 @@ def _is(error: BaseException, module: str, name: str) -> bool:
     loaded = sys.modules.get(module)
     cls = getattr(loaded, name, None) if loaded else None
     return isinstance(cls, type) and isinstance(error, cls)
+
+
+def _unknown(error: BaseException) -> str:
+    """An error of no known kind: its type and message."""
+    return f"{type(error).__name__}: {_joined(str(error))}"
 
 
 def _joined(text: str) -> str:
