@@ -6,10 +6,11 @@ traffic_observations holds the distinct (segment, minute) of the good input, roa
 versions computed from the good snapshots, nothing landed is pending, every bad body is in quarantine/
 with its reason in the object's metadata, and bad rows are in rejected_records with theirs.
 
-1. S3 cut by a proxy at each request of a merge, the answer to each write lost, and S3 gone for good
-   from the first or the last write of a CLI merge (which must fail in one line); then a normal merge.
-2. SIGKILL of `trafficwatch merge` before each of its S3 requests from its first write on (before that,
-   every kill leaves S3 as it was: one test, at request 1), then a rerun.
+1. S3 cut by a proxy at each request of a merge on a fresh lake, the answer to each write lost (fresh
+   lake and lake with history), and S3 gone for good from the first or the last write of a CLI merge
+   (which must fail in one line); then a normal merge.
+2. SIGKILL of `trafficwatch merge` onto a lake with history before each of its S3 requests from its first
+   write on (before that, every kill leaves S3 as it was: one test, at request 1), then a rerun.
 3. Two concurrent `trafficwatch merge` on a fresh lake and on one with history, segments changing.
 4. Backfill of older snapshots (other segment attributes) under newer merged ones; a replay.
 5. Poison objects put straight under raw/, merged with good ones, one by one and all together.
@@ -31,7 +32,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -61,22 +62,23 @@ RUN_TIME_COLUMNS = {"merged_at", "rejected_at", "batch_id", "observations_versio
 # Upper bounds of the S3 requests (and writes) of the merge the proxy tests interrupt: the tests are
 # parametrized up to these, and test_the_proxy_tests_reach_every_request_of_a_merge fails when a merge
 # makes more (raise them then).
-MAX_MERGE_REQUESTS = 72
-MAX_MERGE_WRITES = 12
+MAX_MERGE_REQUESTS = 96
+MAX_MERGE_WRITES = 16
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
 # --------------------------------------------------------------------------- settings, buckets, landing
 
 
+_clients: dict[tuple[str | None, str], Any] = {}
+
+
 def s3_client(settings: Settings) -> Any:
-    return _s3_client(settings.s3_endpoint_url, settings.aws_region)
-
-
-@functools.cache
-def _s3_client(endpoint: str | None, region: str) -> Any:
     """One boto3 client per endpoint (making one costs tens of milliseconds; they are thread-safe)."""
-    return storage.s3_client(dataclasses.replace(load_settings(), s3_endpoint_url=endpoint, aws_region=region))
+    where = (settings.s3_endpoint_url, settings.aws_region)
+    if where not in _clients:
+        _clients[where] = storage.s3_client(settings)
+    return _clients[where]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def land(settings: Settings, snapshots: list[Snapshot]) -> None:
         put(settings, snapshot.key, snapshot.stored)
 
 
-def copy_bucket(settings: Settings, source: str) -> None:
+def from_template(settings: Settings, source: str) -> None:
     """Server-side copy of every object of `source` into the settings' bucket (a lake is relative paths)."""
     s3 = s3_client(settings)
     keys = storage.list_keys(s3, source, "")
@@ -219,7 +221,7 @@ def _versions_diff(actual: list[dict[str, Any]], expected: list[dict[str, Any]],
     return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def assert_lake_holds(settings: Settings, good: list[bytes], poisons: list[Poison] = ()) -> None:
+def assert_lake_holds(settings: Settings, good: list[bytes], poisons: Sequence[Poison] = ()) -> None:
     """The checks every scenario ends with.
 
     `good`: the payloads whose rows must be in the lake (for a row-level poison, its `good_payload`);
@@ -341,7 +343,7 @@ def proxy(s3_server: str) -> Iterator[S3Proxy]:
 @pytest.fixture(scope="module")
 def template(new_bucket: Callable[[], Settings], good: list[Snapshot]) -> str:
     """A bucket where the first good snapshot is merged and the two others (segment changes) are landed:
-    the merge that the proxy tests interrupt. Tests copy it into their own bucket."""
+    a merge onto history, closing segment versions. Tests copy it into their own bucket."""
     settings = new_bucket()
     land(settings, good[:1])
     lake.merge_pending(settings)
@@ -349,26 +351,39 @@ def template(new_bucket: Callable[[], Settings], good: list[Snapshot]) -> str:
     return settings.bucket
 
 
-def from_template(settings: Settings, template: str) -> None:
-    copy_bucket(settings, template)
+FRESH, HISTORY = "fresh lake", "lake with history"
+
+
+def prepare_merge(settings: Settings, kind: str, good: list[Snapshot], template: str) -> None:
+    """The good snapshots pending: all three in an empty bucket (the merge creates the tables), or the
+    template's two onto the first."""
+    if kind == FRESH:
+        land(settings, good)
+    else:
+        from_template(settings, template)
 
 
 @pytest.fixture(scope="module")
-def merge_requests(new_bucket: Callable[[], Settings], template: str, proxy: S3Proxy) -> dict[str, int]:
-    """Count mode: the S3 requests and writes of the template's pending merge, in this process."""
-    settings = new_bucket()
-    from_template(settings, template)
-    proxy.arm(10**9)
-    lake.merge_pending(through(settings, proxy))
-    seen = proxy.seen
-    proxy.reset()
-    return {"requests": len(seen), "writes": sum(1 for request in seen if request.method in WRITES)}
+def merge_requests(
+    new_bucket: Callable[[], Settings], good: list[Snapshot], template: str, proxy: S3Proxy
+) -> dict[str, dict[str, int]]:
+    """Count mode: the S3 requests and writes of the merge of either kind, in this process."""
+    counts = {}
+    for kind in (FRESH, HISTORY):
+        settings = new_bucket()
+        prepare_merge(settings, kind, good, template)
+        proxy.arm(10**9)
+        lake.merge_pending(through(settings, proxy))
+        seen = proxy.seen
+        proxy.reset()
+        counts[kind] = {"requests": len(seen), "writes": sum(1 for request in seen if request.method in WRITES)}
+    return counts
 
 
 @pytest.fixture(scope="module")
 def cli_merge_requests(new_bucket: Callable[[], Settings], template: str, proxy: S3Proxy) -> dict[str, int]:
-    """Count mode: the S3 requests of `trafficwatch merge` on the template's pending snapshots, and the
-    number of its first write."""
+    """Count mode: the S3 requests of `trafficwatch merge` onto the template's history, and the number of
+    its first write."""
     settings = new_bucket()
     from_template(settings, template)
     proxy.arm(10**9)
@@ -383,27 +398,26 @@ def cli_merge_requests(new_bucket: Callable[[], Settings], template: str, proxy:
 
 
 def test_the_proxy_tests_reach_every_request_of_a_merge(merge_requests, cli_merge_requests) -> None:
-    assert merge_requests["requests"] <= MAX_MERGE_REQUESTS, merge_requests
-    assert cli_merge_requests["requests"] <= MAX_MERGE_REQUESTS, cli_merge_requests
-    assert merge_requests["writes"] <= MAX_MERGE_WRITES, merge_requests
+    for counts in (*merge_requests.values(), cli_merge_requests):
+        assert counts["requests"] <= MAX_MERGE_REQUESTS, (merge_requests, cli_merge_requests)
+    for counts in merge_requests.values():
+        assert counts["writes"] <= MAX_MERGE_WRITES, merge_requests
 
 
 # --------------------------------------------------------------------------- 1. S3 cut by a proxy
 
 
-def _merge_ignoring_failure(settings: Settings) -> BaseException | None:
-    try:
+def _merge_ignoring_failure(settings: Settings) -> None:
+    with contextlib.suppress(Exception):  # a merge may fail when S3 does: what matters is what the next leaves
         lake.merge_pending(settings)
-    except Exception as error:  # a merge may fail when S3 does: what matters is what the next one leaves
-        return error
-    return None
 
 
 @pytest.mark.parametrize("at", range(1, MAX_MERGE_REQUESTS + 1), ids=lambda n: f"request-{n}")
 def test_s3_cut_at_each_request_of_a_merge(at, settings, good, template, proxy, merge_requests) -> None:
-    if at > merge_requests["requests"]:
+    """A fresh lake: the cut merge creates the tables too (the merge onto history is killed in scenario 2)."""
+    if at > merge_requests[FRESH]["requests"]:
         pytest.skip("the merge makes fewer requests")
-    from_template(settings, template)
+    prepare_merge(settings, FRESH, good, template)
     proxy.arm(at, CUT)
     _merge_ignoring_failure(through(settings, proxy))
     assert proxy.fired
@@ -412,12 +426,14 @@ def test_s3_cut_at_each_request_of_a_merge(at, settings, good, template, proxy, 
     assert_lake_holds(settings, [snapshot.payload for snapshot in good])
 
 
+@pytest.mark.parametrize("kind", [FRESH, HISTORY])
 @pytest.mark.parametrize("at", range(1, MAX_MERGE_WRITES + 1), ids=lambda n: f"write-{n}")
-def test_s3_write_done_but_its_answer_lost(at, settings, good, template, proxy, merge_requests) -> None:
-    """The server did the write (a data file, a commit), the merge never heard back: it may retry it."""
-    if at > merge_requests["writes"]:
+def test_s3_write_done_but_its_answer_lost(at, kind, settings, good, template, proxy, merge_requests) -> None:
+    """The server did the write (a table's creation, a data file, a commit), the merge never heard back:
+    its client retries it, or the merge fails."""
+    if at > merge_requests[kind]["writes"]:
         pytest.skip("the merge makes fewer writes")
-    from_template(settings, template)
+    prepare_merge(settings, kind, good, template)
     proxy.arm(at, DROP_RESPONSE, methods=WRITES)
     _merge_ignoring_failure(through(settings, proxy))
     assert proxy.fired
@@ -432,8 +448,8 @@ def test_s3_gone_from_a_write_on_fails_the_cli_merge_in_one_line(
 ) -> None:
     """S3 stops answering at the merge's first write (nothing written) or its last (the merge log's commit).
     Each costs the S3 clients' retries (several seconds): two points, not every write."""
-    from_template(settings, template)
-    proxy.arm(1 if which == "first" else merge_requests["writes"], CUT, methods=WRITES, lasting=True)
+    prepare_merge(settings, HISTORY, good, template)
+    proxy.arm(1 if which == "first" else merge_requests[HISTORY]["writes"], CUT, methods=WRITES, lasting=True)
     run = subprocess.run(
         [TRAFFICWATCH, "merge"], env=cli_env(settings, proxy.url), capture_output=True, text=True, timeout=300
     )
@@ -491,14 +507,11 @@ def _more_snapshots() -> list[Snapshot]:
     return [faultdata.snapshot_at(records, 9 + 3 * i, change) for i, change in enumerate(changes)]
 
 
-@pytest.mark.parametrize("lake_kind", ["fresh lake", "lake with history"])
-def test_two_concurrent_cli_merges(lake_kind, settings, good, template) -> None:
+@pytest.mark.parametrize("kind", [FRESH, HISTORY])
+def test_two_concurrent_cli_merges(kind, settings, good, template) -> None:
     inputs = good + _more_snapshots()
-    if lake_kind == "fresh lake":
-        land(settings, inputs)
-    else:
-        from_template(settings, template)
-        land(settings, inputs[len(good) :])
+    prepare_merge(settings, kind, good, template)
+    land(settings, inputs[len(good) :])
     env = cli_env(settings)
     runs = [
         subprocess.Popen([TRAFFICWATCH, "merge"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
