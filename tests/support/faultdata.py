@@ -64,8 +64,8 @@ def snapshot_at(records: list[dict[str, Any]], minute: int, changes: Changes | N
 
 
 def good_snapshots(sample_bytes: bytes) -> list[Snapshot]:
-    """Three snapshots 3 minutes apart; from the second on segment 5 has another road name, and in the
-    second only segment 6 has another speed limit (so it goes A, B, A)."""
+    """Three snapshots 3 minutes apart; from the second on, record 5's segment has another road name, and
+    in the second only, record 6's has another speed limit (its versions go A, B, A)."""
     records = base_records(sample_bytes)
     renamed = {5: {"denomination": RENAMED_ROAD}}
     return [
