@@ -44,7 +44,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
-from trafficwatch.landing import RAW_PREFIX, RAW_SUFFIX, measured_at_of, quarantine
+from trafficwatch.landing import QUARANTINE_PREFIX, RAW_PREFIX, RAW_SUFFIX, measured_at_of, quarantine
 from trafficwatch.source import SnapshotRules, SourceError, check_plausible, normalize_payload
 
 log = logging.getLogger(__name__)
@@ -782,8 +782,13 @@ def _time_bounds(frame: pl.DataFrame) -> str:
     time (a merge log row of a key that names none): such rows are matched on their key alone."""
     if frame["measured_at"].null_count():
         return "true"
-    low, high = frame["measured_at"].min(), frame["measured_at"].max()
-    return f"t.measured_at >= '{low:%Y-%m-%dT%H:%M:%S}Z' AND t.measured_at <= '{high:%Y-%m-%dT%H:%M:%S}Z'"
+    low, high = (_utc_literal(frame["measured_at"].min()), _utc_literal(frame["measured_at"].max()))
+    return f"t.measured_at >= '{low}' AND t.measured_at <= '{high}'"
+
+
+def _utc_literal(moment: datetime) -> str:
+    """An instant as SQL text to the second; the year zero-padded (`%Y` writes year 1 as "1")."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def _bounds_predicate(frame: pl.DataFrame) -> str:
@@ -1205,7 +1210,8 @@ def _merge_chunk(
     for item in counts:
         if item.error is not None:
             key = quarantine(s3, settings.bucket, item.body or b"", f"refused raw object {item.obj.key}: "
-                             f"{item.error}", f"s3://{settings.bucket}/{item.obj.key}", "merge")  # fmt: skip
+                             f"{item.error}", f"s3://{settings.bucket}/{item.obj.key}", "merge",
+                             key=f"{QUARANTINE_PREFIX}{item.obj.key}")  # fmt: skip
             log.error("quarantined %s: %s (copy at %s)", item.obj.key, item.error, key)
             result.quarantined_objects += 1
     merged_at = datetime.now(UTC)

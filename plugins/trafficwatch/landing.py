@@ -117,11 +117,18 @@ def land(s3: Any, bucket: str, fetched: FetchedSnapshot) -> LandingResult:
     return LandingResult("landed", key, snapshot.measured_at, fetched.record_count, fetched.sha256)
 
 
-def quarantine(s3: Any, bucket: str, body: bytes, reason: str, source_url: str, mode: str) -> str:
-    """Keep a payload that could not be used, with the reason and the time, for an operator to inspect."""
+def quarantine(
+    s3: Any, bucket: str, body: bytes, reason: str, source_url: str, mode: str, key: str | None = None
+) -> str:
+    """Keep a payload that could not be used, with the reason and the time, for an operator to inspect.
+
+    `key`: where, when the payload has a name of its own (a refused raw object: quarantined again by a
+    backfill, it replaces its copy instead of adding one); by default a new key per call.
+    """
     now = datetime.now(UTC)
-    slug = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")[:40]
-    key = f"{QUARANTINE_PREFIX}date={now:%Y-%m-%d}/{now:%Y%m%dT%H%M%S.%fZ}_{mode}_{slug}.gz"
+    if key is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")[:40]
+        key = f"{QUARANTINE_PREFIX}date={now:%Y-%m-%d}/{now:%Y%m%dT%H%M%S.%fZ}_{mode}_{slug}.gz"
     s3.put_object(
         Bucket=bucket,
         Key=key,
