@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     _spare_aws_lookups()
     quiet = log_file is not None and not args.verbose and args.command not in SERVICES
     try:
-        with _other_output_to(log_file) if quiet else contextlib.nullcontext():
+        # From the console script, fd 2 stays on the log file until the process ends: object_store's runtime
+        # threads can still panic while the interpreter shuts down ("Already shut down", seen after S3 went away).
+        with _other_output_to(log_file, until_exit=argv is None) if quiet else contextlib.nullcontext():
             return _run(args, log_file)
     finally:
         for handler in handlers:
@@ -438,7 +440,7 @@ def _run(args: argparse.Namespace, log_file: Path | None) -> int:
 
 
 @contextlib.contextmanager
-def _other_output_to(log_file: Path) -> Iterator[None]:
+def _other_output_to(log_file: Path, until_exit: bool = False) -> Iterator[None]:
     """Send to the log file whatever else writes to stderr: Rust panics and warnings of delta-rs, polars and
     their object store (written straight to file descriptor 2), Python warnings, libraries' prints. The
     terminal's stderr is kept for the command's own lines (`_stderr`)."""
@@ -459,9 +461,10 @@ def _other_output_to(log_file: Path) -> Iterator[None]:
     finally:
         terminal.flush()
         _stderr, sys.stderr = entry, entry
-        os.dup2(saved, 2)
+        if not until_exit:
+            os.dup2(saved, 2)
+            log_stream.close()
         os.close(saved)
-        log_stream.close()
         if terminal is not entry:
             terminal.close()
 
