@@ -13,15 +13,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 def count_pending() -> int:
-    from trafficwatch import worker
+    """Landed snapshots the merge log does not hold. A failure (S3 unreachable, wrong keys...) raises
+    AirflowException with the one line `trafficwatch` would print; its traceback goes to the log."""
+    from trafficwatch import errors, worker
     from trafficwatch.config import load_settings
 
-    return worker.count_pending(load_settings())
+    try:
+        return worker.count_pending(load_settings())
+    except Exception as error:
+        raise AirflowException(errors.failure("wait for landed snapshots", error)) from None
 
 
 class PendingRawTrigger(BaseTrigger):
@@ -42,7 +47,11 @@ class PendingRawTrigger(BaseTrigger):
         # The trigger keeps its own deadline: dag.test() runs triggers inline and ignores defer timeouts.
         deadline = time.monotonic() + self.wait_s
         while True:
-            pending = await asyncio.to_thread(count_pending)
+            try:
+                pending = await asyncio.to_thread(count_pending)
+            except AirflowException as error:  # back to the task, as its one-line failure
+                yield TriggerEvent({"pending": 0, "error": str(error)})
+                return
             if pending or time.monotonic() >= deadline:
                 yield TriggerEvent({"pending": pending})
                 return
@@ -68,6 +77,8 @@ class PendingRawSensor(BaseSensorOperator):
         return 0
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> int:
+        if event.get("error"):
+            raise AirflowException(event["error"])
         pending = int(event["pending"])
         if not pending:
             raise AirflowSkipException(f"no landed snapshot to merge after waiting {self.timeout:.0f} s")

@@ -6,6 +6,7 @@ also runs whole with dag.test().
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -69,3 +70,26 @@ def test_a_dag_run_fails_with_that_line_in_its_log(dags, closed_endpoint, capfd,
     output = capfd.readouterr()
     line = f"maintenance failed: S3 endpoint {closed_endpoint} unreachable (connection refused)"
     assert line in output.out + output.err
+
+
+def test_merge_sensor_and_its_trigger_fail_with_one_line(dags, closed_endpoint) -> None:
+    import asyncio
+
+    from trafficwatch.waiting import PendingRawTrigger
+
+    expected = f"wait for landed snapshots failed: S3 endpoint {closed_endpoint} unreachable (connection refused)"
+    sensor = dags["traffic_merge"].get_task("wait_for_landed_snapshots")
+    with pytest.raises(AirflowException) as failure:
+        sensor.execute(context={})
+    assert str(failure.value) == expected
+    assert failure.value.__suppress_context__
+
+    async def first_event() -> dict:
+        async for event in PendingRawTrigger(poll_interval_s=0.1, wait_s=5).run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    event = asyncio.run(first_event())  # the triggerer hands the line back to the task
+    assert event == {"pending": 0, "error": expected}
+    with pytest.raises(AirflowException, match=f"^{re.escape(expected)}$"):
+        sensor.execute_complete(context={}, event=event)
