@@ -9,3 +9,10 @@
         point -> point[1:2]
     ))::varchar
 {%- endmacro %}
+
+
+{#- The carriageway a segment id names: 'D' or 'G' for ids ending _D / _G (the two carriageways of a divided
+    stretch), null for an undivided segment. -#}
+{% macro carriageway(segment_key) -%}
+    case right({{ segment_key }}, 2) when '_D' then 'D' when '_G' then 'G' end
+{%- endmacro %}

@@ -1,35 +1,73 @@
-{#- Aggregates of one road over one time bucket, from per-segment sums over that bucket (columns
-    length_m, observation_count, sample_count, congested_count, sum_hours_per_km, min_speed_kmh,
-    max_speed_kmh, sum_travel_time_s, unmeasured_travel_time_s, sum_reliability_pct).
+{#- Per-segment figures over one time bucket, from the segment's sums over it (columns length_m,
+    speed_limit_kmh, sample_count, congested_count, closed_count, sum_hours_per_km, sum_travel_time_s,
+    sum_reliability_pct), as road_aggregates() needs them.
+    - a segment's travel time is the mean of its speed samples' travel times; without a speed sample in
+      the bucket (unknown or closed throughout) it counts at its speed limit, length / limit, so that the
+      road's time neither drops nor jumps when segments stop reporting (`measured_length_share` says how
+      much of the road was measured);
+    - shares of congestion and closure are over the samples with a status (speed samples and closures),
+      time-weighted: `bucket_minutes` x share is the time. -#}
+{% macro segment_means(bucket_minutes) -%}
+    case when sample_count > 0 then length_m end as measured_length_m,
+    case when sample_count + closed_count > 0 then length_m end as status_length_m,
+    sum_hours_per_km / nullif(sample_count, 0) as mean_hours_per_km,
+    sum_reliability_pct / nullif(sample_count, 0) as mean_reliability_pct,
+    (congested_count + closed_count) / nullif(sample_count + closed_count, 0) as congested_share,
+    closed_count / nullif(sample_count + closed_count, 0) as closed_share,
+    {{ bucket_minutes }} * closed_count / nullif(sample_count + closed_count, 0) as closed_minutes,
+    coalesce(
+        sum_travel_time_s / nullif(sample_count, 0),
+        length_m / nullif(speed_limit_kmh, 0) * 3.6
+    ) as segment_travel_time_s
+{%- endmacro %}
 
-    How a traffic engineer averages (documented in the road models' YAML):
-    - speed: space-mean speed, the road's measured length over the time to drive it, where each segment
-      takes its own time-mean travel time per km: sum(L) / sum(L * mean(1 / v)); a length-weighted
-      harmonic mean, consistent with the travel time;
-    - travel time: the sum of the segments' mean travel times; a segment without a probe in the bucket
-      counts with the time upstream publishes for it (at about the speed limit), so that the road's
-      time does not drop when segments stop reporting;
-    - reliability and congested share: length-weighted over the measured segments. -#}
+
+{#- Aggregates of one road direction over one time bucket, from segment_means() rows.
+    How a traffic engineer averages (docs/traffic-measures.md; written out in road_traffic_15min.yml):
+    - speed: space-mean speed over the segments with a speed sample, their length over the time to drive
+      them, each taking its own harmonic-mean time per km: sum(L) / sum(L * mean(1 / v));
+    - travel time: the sum of the segments' travel times along ONE direction (see road_directions());
+    - reliability, congested and closed shares: length-weighted over the segments measured. -#}
 {% macro road_aggregates() -%}
     cast(count(*) as integer) as segment_count,
+    sum(length_m) as length_m,
     sum(measured_length_m) / nullif(sum(measured_length_m * mean_hours_per_km), 0) as mean_speed_kmh,
     min(min_speed_kmh) as min_speed_kmh,
     max(max_speed_kmh) as max_speed_kmh,
     sum(segment_travel_time_s) as travel_time_s,
+    coalesce(sum(measured_length_m), 0) / nullif(sum(length_m), 0) as measured_length_share,
     sum(measured_length_m * mean_reliability_pct) / nullif(sum(measured_length_m), 0) as mean_reliability_pct,
     cast(sum(sample_count) as integer) as sample_count,
-    sum(measured_length_m * congested_share) / nullif(sum(measured_length_m), 0) as congested_share
+    cast(sum(closed_count) as integer) as closed_sample_count,
+    sum(status_length_m * congested_share) / nullif(sum(status_length_m), 0) as congested_share,
+    sum(status_length_m * closed_share) / nullif(sum(status_length_m), 0) as closed_share,
+    coalesce(sum(closed_minutes), 0) as closed_segment_minutes
 {%- endmacro %}
 
 
-{#- Per-segment columns that road_aggregates() needs, derived from the sums. -#}
-{% macro segment_means() -%}
-    case when sample_count > 0 then length_m end as measured_length_m,
-    sum_hours_per_km / nullif(sample_count, 0) as mean_hours_per_km,
-    sum_reliability_pct / nullif(sample_count, 0) as mean_reliability_pct,
-    congested_count / nullif(sample_count, 0) as congested_share,
-    coalesce(
-        sum_travel_time_s / nullif(sample_count, 0),
-        unmeasured_travel_time_s / nullif(observation_count - sample_count, 0)
-    ) as segment_travel_time_s
+{#- The rows of `relation` (one per segment, with road_name and carriageway) assigned to road
+    directions, within each group of `group_by` (e.g. a bucket):
+    - a road with divided carriageways (some segment ids end _D / _G) is reported per direction, 'D' and
+      'G': each direction is its own carriageway's segments plus the road's undivided segments, which are
+      driven either way (31 roads of 156 mix both in the 2024 sample);
+    - a road without any is one direction, 'both': its segments carry both directions.
+    So a direction's travel time is one trip, never both carriageways added up. -#}
+{% macro road_directions(relation, group_by=[]) -%}
+    {%- set keys = ['road_name'] + group_by -%}
+    select
+        s.*,
+        unnest(
+            case
+                when s.carriageway is not null then [s.carriageway]
+                when r.is_divided then ['D', 'G']
+                else ['both']
+            end
+        ) as direction
+    from {{ relation }} as s
+    inner join (
+        select {{ keys | join(', ') }}, bool_or(carriageway is not null) as is_divided
+        from {{ relation }}
+        group by {{ keys | join(', ') }}
+    ) as r
+        using ({{ keys | join(', ') }})
 {%- endmacro %}

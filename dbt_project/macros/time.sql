@@ -13,3 +13,14 @@
 {% macro local_hour_of_day(ts) -%}
     cast(hour(timezone('{{ var("local_timezone") }}', {{ ts }})) as integer)
 {%- endmacro %}
+
+{#- The local date (a Rennes day starts at local midnight) of `ts`. -#}
+{% macro local_date(ts) -%}
+    cast(timezone('{{ var("local_timezone") }}', {{ ts }}) as date)
+{%- endmacro %}
+
+
+{#- Whether `ts` falls in one of var('off_peak_local_hours') on the local clock. -#}
+{% macro is_off_peak(ts) -%}
+    {{ local_hour_of_day(ts) }} in ({{ var('off_peak_local_hours') | join(', ') }})
+{%- endmacro %}

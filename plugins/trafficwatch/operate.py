@@ -211,6 +211,54 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat() if moment else None
 
 
+def _served_merges(serving_db: Path) -> set[datetime]:
+    """The merge stamps whose rows the serving file's marts hold, as its publish recorded them
+    (`meta.lake_merges_absorbed`); empty without a file or that record."""
+    if not serving_db.is_file():
+        return set()
+    with duckdb.connect(str(serving_db), read_only=True) as con:
+        try:
+            rows = con.execute("SELECT DISTINCT merged_at FROM meta.lake_merges_absorbed").fetchall()
+        except duckdb.Error:
+            return set()
+    return {merged_at.astimezone(UTC) for (merged_at,) in rows}
+
+
+def _unserved_rows(settings: Settings, storage_options: dict[str, str], held: set[datetime]) -> dict[str, int]:
+    """Raw key -> observations of the lake whose merge stamp the marts served do not hold.
+
+    Only the files whose merged_at statistics reach past the newest stamp held minus the dbt project's
+    late-commit margin are read (stamps before that are held, as the build's own rule has it)."""
+    from datetime import timedelta
+
+    import polars as pl
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    from trafficwatch import lake, serving
+
+    try:
+        table = DeltaTable(lake.table_uri(settings, lake.OBSERVATIONS), storage_options=storage_options)
+    except TableNotFoundError:
+        return {}
+    horizon = None
+    if held:
+        horizon = max(held) - timedelta(minutes=float(serving.project_var("late_commit_margin_minutes")))
+    actions = pl.DataFrame(table.get_add_actions(flatten=True))
+    if actions.is_empty():
+        return {}
+    if horizon is not None and "max.merged_at" in actions.columns:
+        actions = actions.filter(pl.col("max.merged_at").is_null() | (pl.col("max.merged_at") > horizon))
+    files = [f"{table.table_uri.rstrip('/')}/{path}" for path in actions["path"].to_list()]
+    if not files:
+        return {}
+    rows = pl.scan_parquet(files, storage_options=storage_options).select("source_key", "merged_at")
+    if horizon is not None:
+        rows = rows.filter(pl.col("merged_at") > horizon)
+    rows = rows.filter(~pl.col("merged_at").is_in(list(held))).group_by("source_key").len().collect()
+    return dict(rows.rows())
+
+
 def lag(
     settings: Settings,
     s3: Any = None,
@@ -222,9 +270,13 @@ def lag(
 
     `lag_s`: upstream time of the newest landed snapshot minus the newest measurement in the serving
     file's `segment_latest` (0 when the dashboards show everything landed; null before the first publish).
-    `unserved_snapshots`: landed snapshots newer than what is served; `oldest_unserved_waiting_s`: how long
-    the oldest of them has been in S3. `pending_merge`: landed snapshots the merge log does not hold.
-    `serving_age_s`: how old the newest measurement shown is (grows when nothing lands: upstream or ingest).
+    `unserved_snapshots`: landed snapshots whose rows the marts served do not all hold yet, whatever their
+    time: not merged yet, or with rows merged (by their merge stamp, `merged_at`) after the served build;
+    `late_unserved_snapshots` are those of them no newer than what is served (an outage, a replay, a
+    backfill, an archive); `unserved_rows` the merged rows not served yet (rows of snapshots not merged
+    yet are not counted: the snapshots are). `oldest_unserved_waiting_s`: how long the unserved snapshot
+    that landed first has been in S3. `pending_merge`: landed snapshots the merge log does not hold. `serving_age_s`:
+    how old the newest measurement shown is (grows when nothing lands: upstream or ingest).
     """
     from trafficwatch import lake, serving, storage
 
@@ -242,7 +294,14 @@ def lag(
     showable = {key: when for key, when in showable.items() if when is not None}
     newest = max(showable, default=None)  # keys sort by upstream time
     newest_at = showable[newest] if newest else None
-    unserved = sorted(key for key, when in showable.items() if served is None or when > served)
+    unserved_rows = {
+        key: count
+        for key, count in _unserved_rows(settings, options, _served_merges(serving_db)).items()
+        if key in showable
+    }
+    unserved = set(unserved_rows) | {key for key in pending if key in showable}
+    late = [key for key in unserved if served is not None and showable[key] <= served]
+    oldest = min(unserved, key=lambda key: landed[key], default=None)
     return {
         "checked_at": _iso(now),
         "newest_landed": {"key": newest, "measured_at": _iso(newest_at), "landed_at": _iso(landed.get(newest))}
@@ -254,7 +313,9 @@ def lag(
         "serving_age_s": round((now - served).total_seconds(), 1) if served else None,
         "lag_s": round((newest_at - served).total_seconds(), 1) if newest_at and served else None,
         "unserved_snapshots": len(unserved),
-        "oldest_unserved_waiting_s": round((now - landed[unserved[0]]).total_seconds(), 1) if unserved else 0.0,
+        "late_unserved_snapshots": len(late),
+        "unserved_rows": sum(unserved_rows.values()),
+        "oldest_unserved_waiting_s": round((now - landed[oldest]).total_seconds(), 1) if oldest else 0.0,
         "landed_snapshots": len(landed),
         "pending_merge": len(pending),
         "oldest_pending": {"key": pending[0], "landed_at": _iso(landed[pending[0]])} if pending else None,

@@ -55,53 +55,49 @@ class Mart:
     """A mart of the serving file, and how it is published.
 
     `keep`: which rows the serving file keeps (SQL on $cutoff, the start of the serving window).
-    `watermark` and `changed`: for marts patched in place, the rows that may have changed since the
-    previous publish, `changed` being SQL on $since, the `watermark` read from the previous file; this
-    is the rule the dbt model itself uses to rebuild rows. `key`: set for the road marts, whose typical
-    values (joined from the all-history profile) are refreshed on every publish.
+    `changed`: for marts patched in place, the rows a build may have rebuilt since the previous publish:
+    SQL on the temporary table `touched` (the snapshot times merged since, `measured_at`) and on $since
+    (for episodes: the earliest of those times and the previous latest snapshot, minus the episode gap).
+    It is the rule the dbt models use to rebuild rows. `key`: set for the road marts, whose typical values
+    (joined from the all-history profile) are refreshed where the profile moved.
     """
 
     name: str
     keep: str | None = None
-    watermark: str | None = None
     changed: str | None = None
     key: tuple[str, ...] = ()
 
 
+TOUCHED_BUCKETS = "SELECT DISTINCT time_bucket(INTERVAL 15 MINUTE, measured_at) FROM touched"
+TOUCHED_HOURS = "SELECT DISTINCT time_bucket(INTERVAL 1 HOUR, measured_at) FROM touched"
 # What the dashboards read, in the serving file's `main` schema.
 MARTS = (
     Mart("segment_latest"),
     Mart("network_kpis_latest"),
     Mart("road_hour_of_week_profile"),
-    Mart(
-        "segment_traffic_15min",
-        keep="bucket_start > $cutoff",
-        watermark="max(bucket_start)",
-        changed="bucket_start >= $since",
-    ),
+    Mart("segment_free_flow"),
+    Mart("road_reliability_daily", keep="local_date > CAST($cutoff AS DATE)"),
+    Mart("network_congestion_hourly", keep="hour_start > $cutoff"),
+    Mart("segment_traffic_15min", keep="bucket_start > $cutoff", changed=f"bucket_start IN ({TOUCHED_BUCKETS})"),
     Mart(
         "road_traffic_15min",
         keep="bucket_start > $cutoff",
-        watermark="max(bucket_start)",
-        changed="bucket_start >= $since",
-        key=("road_name", "bucket_start"),
+        changed=f"bucket_start IN ({TOUCHED_BUCKETS})",
+        key=("road_name", "direction", "bucket_start"),
     ),
     Mart(
-        "road_traffic_hourly",
-        watermark="max(hour_start)",
-        changed="hour_start >= $since",
-        key=("road_name", "hour_start"),
+        "road_traffic_hourly", changed=f"hour_start IN ({TOUCHED_HOURS})", key=("road_name", "direction", "hour_start")
     ),
     Mart(
         "congestion_events",
         keep="ended_at IS NULL OR ended_at > $cutoff",
-        watermark="max(started_at)",
-        changed="ended_at IS NULL OR ended_at > $since",
+        changed="ended_at IS NULL OR ended_at >= $since",
     ),
 )
 TYPICAL_COLUMNS = ("typical_speed_kmh", "typical_travel_time_s")
-EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
-PUBLISH_FORMAT = 1
+PROFILE_KEY = ("road_name", "direction", "day_of_week", "hour_of_day")  # of road_hour_of_week_profile
+LAKE_STATE = "lake_merges_absorbed"  # the merges the marts hold (dbt_project/macros/lake_changes.sql)
+PUBLISH_FORMAT = 2
 # A patched file keeps deleted rows' space until a whole copy rewrites it: one whole copy a day.
 FULL_PUBLISH_EVERY = timedelta(hours=24)
 
@@ -389,6 +385,12 @@ def _reusable(con: duckdb.DuckDBPyConnection, config: ServingConfig, built_at: d
         return "it was published with another layout or window"
     if built_at - full_built_at > FULL_PUBLISH_EVERY:
         return f"its last full copy is older than {FULL_PUBLISH_EVERY} (this one reclaims deleted rows)"
+    (unknown,) = con.execute(
+        f"SELECT count(*) FROM serving.meta.{LAKE_STATE} s ANTI JOIN {WAREHOUSE_NAME}.main.{LAKE_STATE} w "
+        "USING (merged_at, measured_at)"
+    ).fetchone()
+    if unknown:
+        return "it holds merges the warehouse does not (the warehouse was rebuilt)"
     return None
 
 
@@ -401,30 +403,56 @@ def _copy(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> None:
     )
 
 
-def _patch(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> bool:
+def _touched(con: duckdb.DuckDBPyConnection) -> int:
+    """The snapshot times the warehouse absorbed since the previous publish, as the temporary table
+    `touched`: the (merge stamp, snapshot) pairs its state holds and the serving file's copy does not, so
+    late snapshots and merges that committed out of stamp order count."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT measured_at FROM {WAREHOUSE_NAME}.main.{LAKE_STATE} "
+        f"ANTI JOIN serving.meta.{LAKE_STATE} USING (merged_at, measured_at)"
+    )
+    return con.execute("SELECT count(*) FROM touched").fetchone()[0]
+
+
+def _typical_moved(con: duckdb.DuckDBPyConnection) -> None:
+    """The hours of the week whose typical values moved since the previous publish, as the temporary
+    table `typical_moved`: the rows of road_hour_of_week_profile that differ between the warehouse and
+    the serving file (read before the profile is copied over)."""
+    columns = ", ".join((*PROFILE_KEY, *TYPICAL_COLUMNS))
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE typical_moved AS SELECT DISTINCT {', '.join(PROFILE_KEY)} FROM ("
+        f"(SELECT {columns} FROM {WAREHOUSE_NAME}.main.road_hour_of_week_profile "
+        f"EXCEPT SELECT {columns} FROM serving.main.road_hour_of_week_profile) UNION ALL "
+        f"(SELECT {columns} FROM serving.main.road_hour_of_week_profile "
+        f"EXCEPT SELECT {columns} FROM {WAREHOUSE_NAME}.main.road_hour_of_week_profile))"
+    )
+
+
+def _patch(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime, since: datetime) -> bool:
     """Bring a mart of the previous serving file up to date with the warehouse; False if it drifted.
 
-    The rows that may have changed since the previous publish are found from that file's own watermark
-    (the same rule the dbt model uses to rebuild them), replaced, and the rows out of the window dropped.
-    Typical values move with every build: they are refreshed where they changed. The row count is then
-    checked against the warehouse; a mismatch means the two diverged (e.g. after a full refresh).
+    The rows the build may have rebuilt (`mart.changed`, from the snapshots merged since the previous
+    publish) are replaced, and the rows out of the window dropped. Typical values move with history: they
+    are refreshed in the rows of the hours of the week whose profile moved. The row count is then checked
+    against the warehouse; a mismatch means the two diverged.
     """
     served, source = f"serving.main.{mart.name}", f"{WAREHOUSE_NAME}.main.{mart.name}"
-    (since,) = con.execute(f"SELECT {mart.watermark} FROM {served}").fetchone()
-    since = since or EARLIEST  # an empty mart: every row is new
     keep = f"AND ({mart.keep})" if mart.keep else ""
-    bounds = {"since": since, "cutoff": cutoff} if mart.keep else {"since": since}
-    con.execute(f"DELETE FROM {served} WHERE {mart.changed}", {"since": since})
-    con.execute(f"INSERT INTO {served} SELECT * FROM {source} WHERE ({mart.changed}) {keep}", bounds)
+    changed = {"since": since} if "$since" in (mart.changed or "") else None
+    con.execute(f"DELETE FROM {served} WHERE {mart.changed}", changed)
+    con.execute(
+        f"INSERT INTO {served} SELECT * FROM {source} WHERE ({mart.changed}) {keep}",
+        {**(changed or {}), **({"cutoff": cutoff} if mart.keep else {})} or None,
+    )
     if mart.keep:
         con.execute(f"DELETE FROM {served} WHERE NOT ({mart.keep})", {"cutoff": cutoff})
     if mart.key:
         on = " AND ".join(f"s.{column} = w.{column}" for column in mart.key)
-        differs = " OR ".join(f"s.{column} IS DISTINCT FROM w.{column}" for column in TYPICAL_COLUMNS)
         assignments = ", ".join(f"{column} = w.{column}" for column in TYPICAL_COLUMNS)
+        moved = f"(s.{', s.'.join(PROFILE_KEY)}) IN (SELECT {', '.join(PROFILE_KEY)} FROM typical_moved)"
         window = f"(SELECT * FROM {source} WHERE {mart.keep})" if mart.keep else source
         con.execute(
-            f"UPDATE {served} AS s SET {assignments} FROM {window} AS w WHERE {on} AND ({differs})",
+            f"UPDATE {served} AS s SET {assignments} FROM {window} AS w WHERE {on} AND {moved}",
             {"cutoff": cutoff} if mart.keep else None,
         )
     (served_rows,) = con.execute(f"SELECT count(*) FROM {served}").fetchone()
@@ -438,9 +466,9 @@ def _patch(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> bool
 def publish(config: ServingConfig, full: bool = False) -> Published:
     """Publish the warehouse's marts to the serving file by atomic replace (under the build lock).
 
-    The new file is the previous serving file patched with what changed (its cost follows the new data),
-    or, when there is no usable previous file, when `full` is asked, once a day, or if a patched mart
-    does not match the warehouse, a whole copy of the marts.
+    The new file is the previous serving file patched with what changed (its cost follows the merged
+    snapshots), or, when there is no usable previous file, when `full` is asked, once a day, or if a
+    patched mart does not match the warehouse, a whole copy of the marts.
     """
     target = config.serving_db
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -466,6 +494,18 @@ def publish(config: ServingConfig, full: bool = False) -> Published:
     return published
 
 
+def project_var(name: str) -> Any:
+    """A var of the dbt project (dbt_project.yml), read without dbt."""
+    import yaml
+
+    return yaml.safe_load((DBT_PROJECT_DIR / "dbt_project.yml").read_text())["vars"][name]
+
+
+def episode_gap() -> timedelta:
+    """How far back a merged snapshot may change congestion episodes (var episode_gap_minutes)."""
+    return timedelta(minutes=float(project_var("episode_gap_minutes")))
+
+
 def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: bool) -> Published | None:
     """Write the marts into the file at `path` (patching what it holds if `patch`); None if it cannot be
     patched, and then `path` is left unchanged."""
@@ -480,9 +520,16 @@ def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: 
         (latest,) = con.execute(f"SELECT max(measured_at) FROM {WAREHOUSE_NAME}.main.segment_latest").fetchone()
         cutoff = (latest or built_at) - timedelta(days=config.serving_days)
         con.execute("BEGIN")
+        if patch:
+            _touched(con)
+            _typical_moved(con)
+            (served_latest,) = con.execute("SELECT latest_measured_at FROM serving.meta.publish").fetchone()
+            (earliest,) = con.execute("SELECT min(measured_at) FROM touched").fetchone()
+            moments = [moment for moment in (earliest, served_latest) if moment is not None]
+            since = (min(moments) if moments else built_at) - episode_gap() - timedelta(minutes=1)
         for mart in MARTS:
             if patch and mart.changed:
-                if not _patch(con, mart, cutoff):
+                if not _patch(con, mart, cutoff, since):
                     log.warning("publishing a whole copy: %s in the serving file differs from the warehouse", mart.name)
                     con.execute("ROLLBACK")
                     return None
@@ -493,6 +540,16 @@ def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: 
             con.execute("SELECT full_built_at FROM serving.meta.publish").fetchone()[0] if patch else built_at
         )
         con.execute("CREATE SCHEMA IF NOT EXISTS serving.meta")
+        # What the marts hold of the lake, for the next patch and for `trafficwatch lag`.
+        if patch:
+            con.execute(
+                f"INSERT INTO serving.meta.{LAKE_STATE} SELECT * FROM {WAREHOUSE_NAME}.main.{LAKE_STATE} "
+                f"ANTI JOIN serving.meta.{LAKE_STATE} USING (merged_at, measured_at)"
+            )
+        else:
+            con.execute(
+                f"CREATE OR REPLACE TABLE serving.meta.{LAKE_STATE} AS SELECT * FROM {WAREHOUSE_NAME}.main.{LAKE_STATE}"
+            )
         con.execute(
             "CREATE OR REPLACE TABLE serving.meta.publish AS SELECT ?::INTEGER AS format, "
             "?::TIMESTAMPTZ AS built_at, ?::TIMESTAMPTZ AS latest_measured_at, ?::INTEGER AS serving_days, "

@@ -3,10 +3,13 @@
 Three segments, four snapshots (08:00, 08:05, 08:10, 08:20 UTC, a Monday: 10:xx in Rennes):
 
 - A and B are the two segments of "Rue Alpha"; C alone is "Avenue Beta".
-- A goes freeFlow, freeFlow, heavy, heavy: the fixture's one status change (at 08:10).
-- B is congested throughout; its geometry is a MultiLineString of two parts.
+- A goes freeFlow, freeFlow, heavy, heavy (heavy is not congested: no episode).
+- B is congested throughout, from its first sample: one episode, ongoing; its geometry is a
+  MultiLineString of two parts.
 - C has no probe at 08:05 and 08:20 (unknown, upstream's placeholder speed 70): those samples count in
-  no speed, and C's 08:15 bucket has no measurement at all.
+  no speed, and C's 08:15 bucket has no measurement at all (its travel time there is at its limit).
+- No segment id ends in _D or _G: both roads are one direction, `both`.
+- 10:xx in Rennes is not off-peak: every free-flow speed falls back to the limit.
 
 Then a fifth snapshot (08:25) is merged and an incremental build must equal a full refresh.
 """
@@ -127,13 +130,16 @@ def road_expectation(keys: list[str], minutes: list[int], snapshots: dict = SNAP
     segment_rows = {key: samples(key, minutes, snapshots) for key in keys}
     measured_keys = [key for key in keys if measured(segment_rows[key])]
     hours_per_km = {key: mean([1 / row[1] for row in measured(segment_rows[key])]) for key in measured_keys}
+    # A segment without a speed sample in the bucket counts at its limit: length / limit.
     travel_time = sum(
-        mean([row[2] for row in measured(rows)]) if measured(rows) else mean([row[2] for row in rows])
-        for rows in segment_rows.values()
+        mean([row[2] for row in measured(rows)]) if measured(rows) else LENGTH[key] / LIMIT[key] * 3.6
+        for key, rows in segment_rows.items()
     )
     length = sum(LENGTH[key] for key in measured_keys)
     return {
+        "direction": "both",
         "segment_count": len(keys),
+        "measured_length_share": length / sum(LENGTH[k] for k in keys),
         "mean_speed_kmh": length / sum(LENGTH[k] * hours_per_km[k] for k in measured_keys) if measured_keys else None,
         "min_speed_kmh": min((r[1] for k in keys for r in measured(segment_rows[k])), default=None),
         "max_speed_kmh": max((r[1] for k in keys for r in measured(segment_rows[k])), default=None),
@@ -219,10 +225,11 @@ def test_every_mart_matches_hand_computed_values(fixture_lake, s3_settings) -> N
             "typical_speed_kmh": typical[road]["typical_speed_kmh"],
             "typical_travel_time_s": typical[road]["typical_travel_time_s"],
         }
-        assert_close(row_of(roads, road_name=road, bucket_start=bucket), expected)
-    # Beta at 08:15: C had no probe: no speed, and its travel time is the one upstream published (38 s).
+        assert_close(row_of(roads, road_name=road, direction="both", bucket_start=bucket), expected)
+    # Beta at 08:15: C had no probe: no speed, and its travel time is the one at its limit, 742.6 m at 70 km/h.
     beta = row_of(roads, road_name="Avenue Beta", bucket_start=BUCKET_1)
-    assert (beta["mean_speed_kmh"], beta["sample_count"], beta["travel_time_s"]) == (None, 0, 38.0)
+    assert (beta["mean_speed_kmh"], beta["sample_count"]) == (None, 0)
+    assert beta["travel_time_s"] == pytest.approx(LENGTH["C"] / (70 / 3.6))
 
     # road_traffic_hourly: one hour holding every snapshot, so it equals the profile here.
     hourly = marts["road_traffic_hourly"]
@@ -248,6 +255,10 @@ def test_every_mart_matches_hand_computed_values(fixture_lake, s3_settings) -> N
                 "speed_limit_kmh": LIMIT[key],
                 "measured_at": T0 + timedelta(minutes=20),
                 "speed_ratio": speed / LIMIT[key],
+                "is_closed": False,
+                "free_flow_speed_kmh": LIMIT[key],  # no off-peak sample: the limit
+                "free_flow_is_limit": True,
+                "free_flow_speed_ratio": speed / LIMIT[key],
                 "typical_speed_kmh": typical_speed,
                 "speed_vs_typical_kmh": speed - typical_speed,
                 "length_m": LENGTH[key],
@@ -279,13 +290,18 @@ def test_every_mart_matches_hand_computed_values(fixture_lake, s3_settings) -> N
             "share_congested": 1 / 3,
             "share_impossible": 0.0,
             "share_unknown": 1 / 3,
+            "closed_segments": 0,
+            "closed_km": 0.0,
             "mean_speed_ratio": (LENGTH["A"] / 50 + LENGTH["B"] / 30) / (LENGTH["A"] / 20 + LENGTH["B"] / 15),
         },
     )
 
-    # congestion_events: A's one change, ongoing, lasting so far until the latest snapshot (08:20).
-    events = marts["congestion_events"]
-    assert events.rows() == [("A", "Rue Alpha", "freeFlow", "heavy", T0 + timedelta(minutes=10), None, 10.0)]
+    # congestion_events: B's one episode, from its first sample, ongoing at the latest snapshot (08:20).
+    events = marts["congestion_events"].select(
+        "segment_key", "road_name", "started_at", "last_congested_at", "ended_at", "is_ongoing", "worst_status",
+        "sample_count", "duration_minutes",
+    )  # fmt: skip
+    assert events.rows() == [("B", "Rue Alpha", T0, T0 + timedelta(minutes=20), None, True, "congested", 4, 20.0)]
 
 
 def test_incremental_build_after_a_new_snapshot_equals_a_full_refresh(fixture_lake, s3_settings) -> None:
@@ -297,11 +313,10 @@ def test_incremental_build_after_a_new_snapshot_equals_a_full_refresh(fixture_la
     serving.build(s3_settings, config, full_refresh=True)
     assert_same_marts(incremental, comparable(read_marts(config.serving_db)))
 
-    # The new snapshot really went through: A's heavy spell ended and a new event is ongoing.
-    assert incremental["congestion_events"].select("from_status", "to_status", "started_at", "ended_at",
+    # The new snapshot really went through: B's episode goes on, now 25 minutes long.
+    assert incremental["congestion_events"].select("segment_key", "started_at", "ended_at", "sample_count",
                                                    "duration_minutes").rows() == [
-        ("freeFlow", "heavy", T0 + timedelta(minutes=10), T0 + timedelta(minutes=25), 15.0),
-        ("heavy", "freeFlow", T0 + timedelta(minutes=25), None, 0.0),
+        ("B", T0, None, 5, 25.0),
     ]  # fmt: skip
     both = {**SNAPSHOTS, **LATER}
     alpha = row_of(incremental["road_traffic_15min"], road_name="Rue Alpha", bucket_start=BUCKET_1)

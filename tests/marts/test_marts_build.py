@@ -59,7 +59,10 @@ def test_the_sample_snapshot_gives_every_mart(sample_serving_db, sample_bytes) -
     assert marts["segment_traffic_15min"].height == measured
     assert set(marts["road_traffic_15min"]["road_name"]) == roads
     assert set(marts["road_hour_of_week_profile"].select("day_of_week", "hour_of_day").rows()) == {(1, 12)}
-    assert marts["congestion_events"].is_empty()  # a first status is not a change
+    # Every congested or closed segment is in an episode since its first (and only) sample, ongoing.
+    events = marts["congestion_events"]
+    assert events.height == statuses["congested"] + statuses["impossible"]
+    assert events["is_ongoing"].all()
 
 
 def simulated_day(count: int) -> list[bytes]:
@@ -92,12 +95,12 @@ def test_a_simulated_day_builds_and_an_incremental_build_equals_a_full_refresh(s
     buckets = marts["segment_traffic_15min"]["bucket_start"]
     assert (buckets.min(), buckets.n_unique()) == (DAY, 96)
 
-    # Measured samples per bucket, counted from the lake's rows, match the mart's sample counts.
+    # Speed samples per bucket, counted from the lake's rows, match the mart's sample counts.
     observations = lake.scan_table(
         lake.ensure_tables(s3_settings)[lake.OBSERVATIONS], lake.storage_options(s3_settings)
     ).collect()
     from_lake = (
-        observations.filter(pl.col("traffic_status") != "unknown")
+        observations.filter(pl.col("traffic_status").is_in(["freeFlow", "heavy", "congested"]))
         .group_by(pl.col("measured_at").dt.truncate("15m").alias("bucket_start"))
         .len()
     )

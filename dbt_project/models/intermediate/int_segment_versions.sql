@@ -1,20 +1,17 @@
--- Each segment version with the time span it applies to, for point-in-time joins. A segment's first
--- version also covers anything measured before it opened (history merged after an attribute change).
+-- Each segment version, with what every mart needs to group and weigh it: the road (a name is needed to
+-- group), the carriageway from the segment's id, the length.
 select
     segment_key,
     valid_from,
     valid_to,
     is_current,
+    attributes_hash,
     -- Upstream leaves a few names empty; a road needs a name to be grouped and shown.
     coalesce(nullif(trim(road_name), ''), '(unnamed road)') as road_name,
+    {{ carriageway('segment_key') }} as carriageway,
     hierarchy,
     speed_limit_kmh,
     insee,
     geometry_geojson,
-    length_m,
-    case
-        when valid_from = min(valid_from) over (partition by segment_key) then '-infinity'::timestamptz
-        else valid_from
-    end as effective_from,
-    coalesce(valid_to, 'infinity'::timestamptz) as effective_to
+    length_m
 from {{ ref('stg_lake__road_segments') }}

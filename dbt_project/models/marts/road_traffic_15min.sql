@@ -1,22 +1,31 @@
 {{ config(materialized='view') }}
--- Each road per 15-minute bucket beside its typical values for that hour of the week. A view over the
+-- Each road direction per 15-minute bucket beside its typical values for that hour of the week. A view over the
 -- incremental int_road_15min: the typical values come from the all-history profile, which moves with
 -- every build, so they are joined when read rather than frozen into old rows.
 select
     r.road_name,
+    r.direction,
     r.bucket_start,
+    r.day_of_week,
+    r.hour_of_day,
     r.segment_count,
+    r.length_m,
     r.mean_speed_kmh,
     r.min_speed_kmh,
     r.max_speed_kmh,
     r.travel_time_s,
+    r.measured_length_share,
     r.mean_reliability_pct,
     r.sample_count,
+    r.closed_sample_count,
     r.congested_share,
+    r.closed_share,
+    r.closed_segment_minutes,
     p.typical_speed_kmh,
     p.typical_travel_time_s
 from {{ ref('int_road_15min') }} as r
 left join {{ ref('road_hour_of_week_profile') }} as p
     on r.road_name = p.road_name
+    and r.direction = p.direction
     and r.day_of_week = p.day_of_week
     and r.hour_of_day = p.hour_of_day

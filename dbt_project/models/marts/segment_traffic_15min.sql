@@ -1,29 +1,21 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='bucket_start',
-        on_schema_change='fail',
-    )
-}}
--- Speed and travel time per segment and 15-minute bucket, for the buckets in which the segment had at
--- least one measured sample. Incremental: the latest bucket held and the later ones are rebuilt.
-{%- set since = watermark('bucket_start') %}
-
+{{ config(materialized='view') }}
+-- Speed, travel time and closure time per segment and 15-minute bucket, for the buckets in which the
+-- segment had a status (a speed sample or a closure). A view over the incremental int_segment_15min.
 select
     segment_key,
     road_name,
+    carriageway,
     hierarchy,
     bucket_start,
-    sample_count / sum_hours_per_km as mean_speed_kmh,
+    sample_count / nullif(sum_hours_per_km, 0) as mean_speed_kmh,
     min_speed_kmh,
     max_speed_kmh,
-    sum_travel_time_s / sample_count as mean_travel_time_s,
-    sum_reliability_pct / sample_count as mean_reliability_pct,
+    sum_travel_time_s / nullif(sample_count, 0) as mean_travel_time_s,
+    sum_reliability_pct / nullif(sample_count, 0) as mean_reliability_pct,
     sample_count,
-    congested_count / sample_count as congested_share
+    closed_count as closed_sample_count,
+    (congested_count + closed_count) / (sample_count + closed_count) as congested_share,
+    closed_count / (sample_count + closed_count) as closed_share,
+    15 * closed_count / (sample_count + closed_count) as closed_minutes
 from {{ ref('int_segment_15min') }}
-where sample_count > 0
-{%- if since %}
-    and bucket_start >= {{ since }}
-{%- endif %}
+where sample_count + closed_count > 0

@@ -9,5 +9,6 @@ select
     insee,
     geometry_type,
     geometry_geojson,
-    length_m
+    length_m,
+    attributes_hash
 from {{ source('lake', 'road_segments') }}

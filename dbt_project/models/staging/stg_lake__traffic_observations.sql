@@ -9,6 +9,7 @@ select
     reliability_pct,
     traffic_status,
     probe_count,
+    attributes_hash,
     source_key,
     merged_at
 from {{ source('lake', 'traffic_observations') }}
