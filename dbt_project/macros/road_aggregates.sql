@@ -41,7 +41,14 @@
     cast(sum(closed_count) as integer) as closed_sample_count,
     sum(status_length_m * congested_share) / nullif(sum(status_length_m), 0) as congested_share,
     sum(status_length_m * closed_share) / nullif(sum(status_length_m), 0) as closed_share,
-    coalesce(sum(closed_minutes), 0) as closed_segment_minutes
+    coalesce(sum(closed_minutes), 0) as closed_segment_minutes,
+    -- The sums behind the means, for aggregating further (hours to days, several roads) without averaging
+    -- averages: speed = measured_km / measured_hours, congested share = congested_km / status_km.
+    coalesce(sum(measured_length_m), 0) / 1000 as measured_km,
+    coalesce(sum(measured_length_m * mean_hours_per_km), 0) / 1000 as measured_hours,
+    coalesce(sum(status_length_m), 0) / 1000 as status_km,
+    coalesce(sum(status_length_m * congested_share), 0) / 1000 as congested_km,
+    coalesce(sum(status_length_m * closed_share), 0) / 1000 as closed_km
 {%- endmacro %}
 
 

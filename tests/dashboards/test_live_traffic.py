@@ -135,6 +135,8 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "live_traffic.png"), full_page=True, timeout=180_000)
+    # A full-page screenshot resizes the viewport: the grid lays itself out again before it is counted.
+    page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=120_000, polling=1000)
     assert page.locator("[data-test-chart-id]").count() == expected
     assert page.evaluate(CHART_ERRORS) == []
     assert console_errors == []

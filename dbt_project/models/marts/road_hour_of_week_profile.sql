@@ -36,6 +36,11 @@ select
     sum(case when measured_length_m is not null then length_over_limit end)
         / nullif(sum(measured_length_m * mean_hours_per_km), 0) as typical_speed_ratio,
     cast(sum(sample_count) as integer) as sample_count,
-    cast(sum(closed_count) as integer) as closed_sample_count
+    cast(sum(closed_count) as integer) as closed_sample_count,
+    -- The sums behind the ratios (speed = measured_km / measured_hours, speed over limit =
+    -- limit_hours / measured_hours), for aggregating hours of the week together.
+    coalesce(sum(measured_length_m), 0) / 1000 as measured_km,
+    coalesce(sum(measured_length_m * mean_hours_per_km), 0) / 1000 as measured_hours,
+    coalesce(sum(case when measured_length_m is not null then length_over_limit end), 0) / 1000 as limit_hours
 from directions
 group by road_name, direction, day_of_week, hour_of_day

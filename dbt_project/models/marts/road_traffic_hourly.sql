@@ -21,8 +21,15 @@ select
     r.congested_share,
     r.closed_share,
     r.closed_segment_minutes,
+    r.measured_km,
+    r.measured_hours,
+    r.status_km,
+    r.congested_km,
+    r.closed_km,
     p.typical_speed_kmh,
-    p.typical_travel_time_s
+    p.typical_travel_time_s,
+    p.measured_km as typical_measured_km,
+    p.measured_hours as typical_measured_hours
 from {{ ref('int_road_hourly') }} as r
 left join {{ ref('road_hour_of_week_profile') }} as p
     on r.road_name = p.road_name
