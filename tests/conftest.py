@@ -50,7 +50,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     keys = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
     saved = {name: os.environ.get(name) for name in keys}
     os.environ.update(keys)
-    service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch")
+    # A bucket per test: far more buckets (each its own volumes) than the default cap allows.
+    service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch", max_volumes=5000)
     services.start(service, home)
     try:
         yield service.url

@@ -90,7 +90,7 @@ def free_s3_port() -> int:
     raise RuntimeError("no free block of loopback ports for a local S3 server")
 
 
-def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
+def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = None) -> Service:
     """SeaweedFS `weed mini`: S3 on `port`, keys required; nothing else serves or takes data without credentials.
 
     Its other servers take the next four ports and each + 10000 (gRPC). The master's and filer's HTTP APIs
@@ -98,6 +98,11 @@ def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
     API and the Iceberg and Lance catalogs; the volume server wants a JWT signed with a key of this start for
     every read and write, and every gRPC port (and its Unix socket in /tmp) a client certificate from a CA
     made for this start: see `write_seaweedfs_security`. Its files and sockets are the owner's only (umask).
+
+    Each bucket is a SeaweedFS collection with volumes of its own, and by default the volume server holds as
+    many volumes as free disk / 1 GiB (67 on a disk with 68 GB free): past that, every PutObject into a new
+    bucket fails with InternalError. `max_volumes` raises the cap for a server that holds many buckets (the
+    test session's: a bucket per test); volumes are sparse files, not preallocated.
     """
     endpoint = f"http://127.0.0.1:{port}"
     security_dir = data_dir.with_name(f"{data_dir.name}-security")
@@ -107,6 +112,8 @@ def local_s3(data_dir: Path, port: int, bucket: str) -> Service:
         f"-master.port={port + 1}", f"-filer.port={port + 2}", f"-volume.port={port + 3}", f"-admin.port={port + 4}",
         "-disableHttp", "-webdav=false", "-admin.ui=false", "-s3.iam=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
+    if max_volumes is not None:
+        command.append(f"-volume.max={max_volumes}")
 
     def ready() -> bool:
         if not _port_open(port):
