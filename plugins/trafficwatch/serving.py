@@ -94,8 +94,14 @@ MARTS = (
         changed="ended_at IS NULL OR ended_at >= $since",
     ),
 )
-TYPICAL_COLUMNS = ("typical_speed_kmh", "typical_travel_time_s")
-PROFILE_KEY = ("road_name", "direction", "day_of_week", "hour_of_day")  # of road_hour_of_week_profile
+# The road marts' columns joined from road_hour_of_week_profile, and the profile's columns they come from.
+TYPICAL_COLUMNS = {
+    "typical_speed_kmh": "typical_speed_kmh",
+    "typical_travel_time_s": "typical_travel_time_s",
+    "typical_measured_km": "measured_km",
+    "typical_measured_hours": "measured_hours",
+}
+PROFILE_KEY = ("road_name", "direction", "day_of_week", "hour_of_day")
 LAKE_STATE = "lake_merges_absorbed"  # the merges the marts hold (dbt_project/macros/lake_changes.sql)
 PUBLISH_FORMAT = 2
 # A patched file keeps deleted rows' space until a whole copy rewrites it: one whole copy a day.
@@ -418,7 +424,7 @@ def _typical_moved(con: duckdb.DuckDBPyConnection) -> None:
     """The hours of the week whose typical values moved since the previous publish, as the temporary
     table `typical_moved`: the rows of road_hour_of_week_profile that differ between the warehouse and
     the serving file (read before the profile is copied over)."""
-    columns = ", ".join((*PROFILE_KEY, *TYPICAL_COLUMNS))
+    columns = ", ".join((*PROFILE_KEY, *TYPICAL_COLUMNS.values()))
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE typical_moved AS SELECT DISTINCT {', '.join(PROFILE_KEY)} FROM ("
         f"(SELECT {columns} FROM {WAREHOUSE_NAME}.main.road_hour_of_week_profile "
