@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from deltalake import DeltaTable
 
 from tests.conftest import land_raw, redated
 from trafficwatch import lake, operate
@@ -17,6 +18,17 @@ from trafficwatch.config import Settings
 from trafficwatch.landing import measured_at_of
 
 pytestmark = pytest.mark.integration
+
+
+def record_served_merges(con: duckdb.DuckDBPyConnection, settings: Settings) -> None:
+    """Make a hand-made serving file say it holds every row merged so far, as a publish records it: the
+    merge stamps (`merged_at`) of the lake's observations in `meta.lake_merges_absorbed`."""
+    options = lake.storage_options(settings)
+    table = DeltaTable(lake.table_uri(settings, lake.OBSERVATIONS), storage_options=options)
+    stamps = lake.scan_table(table, options).select("merged_at").unique().collect()["merged_at"].to_list()
+    con.execute("CREATE SCHEMA IF NOT EXISTS meta")
+    con.execute("CREATE OR REPLACE TABLE meta.lake_merges_absorbed (merged_at TIMESTAMPTZ)")
+    con.executemany("INSERT INTO meta.lake_merges_absorbed VALUES (?)", [[stamp] for stamp in stamps])
 
 
 def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
@@ -34,8 +46,9 @@ def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
     second = land_raw(s3_settings, redated(sample_bytes, 3))
     lake.merge_pending(s3_settings)
     third = land_raw(s3_settings, redated(sample_bytes, 6))
-    with duckdb.connect(str(serving_db)) as con:  # the dashboards show the second snapshot
+    with duckdb.connect(str(serving_db)) as con:  # the dashboards show the first two snapshots, all their rows
         con.execute("CREATE TABLE segment_latest AS SELECT ?::TIMESTAMPTZ AS measured_at", [measured_at_of(second)])
+        record_served_merges(con, s3_settings)
 
     lag = operate.lag(s3_settings)
     assert lag["newest_landed"]["key"] == third
@@ -46,8 +59,12 @@ def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
     assert lag["oldest_unserved_waiting_s"] >= 0
 
     lake.merge_pending(s3_settings)
+    after_merge = operate.lag(s3_settings)  # merged, not yet built: its rows wait for the marts
+    assert (after_merge["unserved_snapshots"], after_merge["unserved_rows"], after_merge["pending_merge"]) == (
+        1, len(json.loads(sample_bytes)), 0)  # fmt: skip
     with duckdb.connect(str(serving_db)) as con:
         con.execute("UPDATE segment_latest SET measured_at = ?", [measured_at_of(third)])
+        record_served_merges(con, s3_settings)
     caught_up = operate.lag(s3_settings)
     assert (caught_up["lag_s"], caught_up["unserved_snapshots"], caught_up["pending_merge"]) == (0.0, 0, 0)
 
