@@ -1360,27 +1360,53 @@ def expire_raw(settings: Settings, retention_days: int, s3: Any, tables: dict[st
     return len(expired)
 
 
+def existing_tables(settings: Settings, names: Iterable[str] = tuple(SCHEMAS)) -> dict[str, DeltaTable | None]:
+    """Open the tables (all four by default) as they are, None for a table not created yet: unlike
+    `ensure_tables`, nothing is created or altered (the reads of `status`). Opened side by side."""
+    names, options = tuple(names), storage_options(settings)
+
+    def open_one(name: str) -> DeltaTable | None:
+        try:
+            return DeltaTable(table_uri(settings, name), storage_options=options)
+        except TableNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(open_one, names), strict=True))
+
+
 def status(settings: Settings, s3: Any = None) -> dict[str, Any]:
-    """What an operator asks first: how much is landed, pending, quarantined, and the state of each table."""
+    """What an operator asks first: how much is landed, pending, quarantined, and the state of each table.
+
+    A read: nothing is created, not even the tables (one not created yet has version None and no rows)."""
     s3 = s3 or storage.s3_client(settings)
-    tables = ensure_tables(settings)
-    options = storage_options(settings)
+    # S3 first: an unreachable endpoint, wrong keys or a missing bucket fail here, in S3's own words.
     raw = list_raw(s3, settings.bucket)
-    merged = merged_keys(settings, tables)
-    latest = scan_table(tables[OBSERVATIONS], options).select(pl.col("measured_at").max()).collect().item()
+    quarantined = storage.list_keys(s3, settings.bucket, QUARANTINE_PREFIX)
+    tables = existing_tables(settings)
+    options = storage_options(settings)
+    log_table = tables[MERGE_LOG]
+    merged = merged_keys(settings, {MERGE_LOG: log_table}) if log_table is not None else frozenset()
+    observations = tables[OBSERVATIONS]
+    latest = None
+    if observations is not None:
+        latest = scan_table(observations, options).select(pl.col("measured_at").max()).collect().item()
     return {
         "bucket": settings.bucket,
         "raw_objects": len(raw),
         "pending_raw_objects": sum(1 for obj in raw if obj.key not in merged),
-        "quarantined_objects": len(storage.list_keys(s3, settings.bucket, "quarantine/")),
+        "quarantined_objects": len(quarantined),
         "latest_measured_at": latest.isoformat() if latest else None,
-        "tables": {
-            name: {
-                "uri": table_uri(settings, name),
-                "version": table.version(),
-                "rows": scan_table(table, options).select(pl.len()).collect().item(),
-                "files": len(table.file_uris()),
-            }
-            for name, table in tables.items()
-        },
+        "tables": {name: _table_state(settings, name, table, options) for name, table in tables.items()},
+    }
+
+
+def _table_state(settings: Settings, name: str, table: DeltaTable | None, options: dict[str, str]) -> dict[str, Any]:
+    if table is None:  # not created yet
+        return {"uri": table_uri(settings, name), "version": None, "rows": 0, "files": 0}
+    return {
+        "uri": table_uri(settings, name),
+        "version": table.version(),
+        "rows": scan_table(table, options).select(pl.len()).collect().item(),
+        "files": len(table.file_uris()),
     }
