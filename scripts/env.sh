@@ -2,15 +2,15 @@
 #
 # Order of precedence: variables already set in the shell, then ./.env (your overrides, git-ignored),
 # then generated secrets in $TRAFFICWATCH_HOME/secrets.env (random, created once, never committed),
-# then the defaults below. Nothing here is a password: every secret is generated or comes from you.
+# then the defaults. Nothing here is a password: every secret is generated or comes from you.
+# The settings themselves (reading .env and secrets.env, the defaults, the local S3 endpoint and keys) are
+# defined once, in plugins/trafficwatch/localenv.py: the `trafficwatch` command reads them the same way.
 
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -f "$_repo/.env" ]; then
-  # shellcheck disable=SC1091
-  set -a; . "$_repo/.env"; set +a
-fi
+_localenv() { python3 -I "$_repo/plugins/trafficwatch/localenv.py" "$@"; }
 
-export TRAFFICWATCH_HOME="${TRAFFICWATCH_HOME:-$_repo/.data}"
+_home="$(_localenv home)" || return 1
+export TRAFFICWATCH_HOME="$_home"
 mkdir -p -m 700 "$TRAFFICWATCH_HOME"
 
 # A secret file is written 0600 from its first byte (mktemp creates it so, whatever the umask) and renamed
@@ -38,26 +38,9 @@ if [ ! -f "$_secrets" ]; then
   unset -f _rand
 fi
 chmod go= "$_secrets"  # one made by hand, or copied in, is made private too
-while IFS='=' read -r _name _value; do
-  case "$_name" in ''|\#*) continue ;; esac
-  if [ -z "${!_name:-}" ]; then export "$_name=$_value"; fi
-done < "$_secrets"
-
-# Local S3 (SeaweedFS) unless the shell points elsewhere: TRAFFICWATCH_S3=aws uses AWS's own endpoint.
-export TRAFFICWATCH_S3_PORT="${TRAFFICWATCH_S3_PORT:-8333}"
-export TRAFFICWATCH_FEED_PORT="${TRAFFICWATCH_FEED_PORT:-8090}"
-export TRAFFICWATCH_AIRFLOW_PORT="${TRAFFICWATCH_AIRFLOW_PORT:-8080}"
-export TRAFFICWATCH_SUPERSET_PORT="${TRAFFICWATCH_SUPERSET_PORT:-8088}"
-export TRAFFICWATCH_BUCKET="${TRAFFICWATCH_BUCKET:-trafficwatch}"
-# The merge sensor's S3 check every 2 s instead of 10: the wait for it was a third of a snapshot's way to the
-# dashboards (5-12 s of 17-31 s, end-to-end test); a check through the worker costs milliseconds.
-export TRAFFICWATCH_MERGE_POLL_INTERVAL="${TRAFFICWATCH_MERGE_POLL_INTERVAL:-2}"
-if [ "${TRAFFICWATCH_S3:-local}" = "local" ]; then
-  export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:$TRAFFICWATCH_S3_PORT}"
-  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-$TRAFFICWATCH_LOCAL_S3_ACCESS_KEY}"
-  export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-$TRAFFICWATCH_LOCAL_S3_SECRET_KEY}"
-fi
-export AWS_REGION="${AWS_REGION:-us-east-1}"
+# .env, the secrets just read or generated, the defaults: exports of what the shell does not set.
+_exports="$(_localenv exports)" || return 1
+eval "$_exports"
 
 # Airflow: everything under the data directory, DAGs from the repository.
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$TRAFFICWATCH_HOME/airflow}"
@@ -77,5 +60,5 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_S
 mkdir -p "$AIRFLOW_HOME/plugins"
 chmod 700 "$AIRFLOW_HOME"  # its database and configuration hold secrets too
 printf '{"admin": "%s"}\n' "$TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD" | _private_write "$AIRFLOW_HOME/passwords.json"
-unset -f _private_write
-unset _repo _secrets _name _value
+unset -f _private_write _localenv
+unset _repo _home _secrets _exports

@@ -25,6 +25,9 @@ os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tw-airflow-")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(os.environ["AIRFLOW_HOME"], "plugins")  # none
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# The `trafficwatch` commands the tests run take their settings from the tests alone, never from the checkout's
+# .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
+os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"
 
 SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "trafficwatch" / "data" / "rennes_base_snapshot.json.gz"
 SAMPLE_RECORDS = 2859

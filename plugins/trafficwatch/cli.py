@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from trafficwatch import errors, services
+from trafficwatch import errors, localenv, services
 from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -98,11 +98,18 @@ def _configure_logging(command: str, verbose: bool) -> list[logging.Handler]:
 
 
 def _spare_aws_lookups() -> None:
-    """Without AWS_REGION, delta-rs' AWS SDK asks EC2's metadata service for one and prints a dozen
-    multi-line warnings before anything fails; with an endpoint of our own (local S3) credentials never come
-    from EC2 either. Python's S3 client and delta-rs then read the same region."""
-    os.environ.setdefault("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")  # as load_settings
-    if os.environ.get("AWS_ENDPOINT_URL"):
+    """No lookup of EC2's metadata service (IMDS) when the environment already says what it would.
+
+    delta-rs opens a table on AWS's own endpoint with an AWS SDK configuration whose region comes from the
+    process's environment (AWS_REGION: the AWS_REGION of the storage options is not read there), the
+    profile files, then IMDS: three warnings `aws_config::imds::region` per table opened, off EC2. Without
+    keys, its credentials chain asks IMDS too. So the region is always set (as load_settings sets it: Python's
+    S3 client and delta-rs read the same one), and IMDS is off when credentials cannot come from it: keys
+    given, or an endpoint of our own (the local S3)."""
+    if not os.environ.get("AWS_REGION"):
+        os.environ["AWS_REGION"] = os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    keys = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if keys or os.environ.get("AWS_ENDPOINT_URL"):
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
@@ -403,12 +410,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A failure is one line on stderr naming its cause, exit 1; its traceback goes to the
-    log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log)."""
+    log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log).
+
+    From the console script (no `argv`), in a checkout, the settings missing from the environment come from
+    the repository's .env, the generated secrets and the local defaults, as `source scripts/env.sh` gives
+    them to the make targets (`localenv`); a variable set in the environment always wins. Called with `argv`
+    (tests, in-process), the environment is left as it is."""
     global _stderr
     _stderr = sys.stderr
     args = build_parser().parse_args(argv)
+    added: dict[str, str] = {}
+    if argv is None:  # the console script: in a checkout, the local settings of the make targets (localenv)
+        try:
+            added = localenv.apply()
+        except (OSError, ValueError) as error:  # an unreadable or malformed .env or secrets.env
+            print(f"configuration error: {error}", file=_stderr)
+            return 2
     handlers = _configure_logging(args.command, args.verbose)
     log_file = log_file_path() if any(isinstance(handler, logging.FileHandler) for handler in handlers) else None
+    if added:
+        logging.getLogger(__name__).debug("local settings of %s: %s", REPO_ROOT, ", ".join(sorted(added)))
     _spare_aws_lookups()
     quiet = log_file is not None and not args.verbose and args.command not in SERVICES
     try:
