@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -114,18 +113,9 @@ def _full_build_child(root: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "rows": result.rows}
 
 
-def project_fingerprint() -> str:
-    """What the cached marts depend on besides the history: the dbt project's models and macros."""
-    digest = hashlib.sha256()
-    for path in sorted(serving.DBT_PROJECT_DIR.rglob("*")):
-        if path.is_file() and path.suffix in (".sql", ".yml") and "target" not in path.parts:
-            digest.update(str(path.relative_to(serving.DBT_PROJECT_DIR)).encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def ensure_cached_marts(home: Path, history: dict[str, Any]) -> Path:
     """The marts of the cached 30-day history, built once (full refresh) per history and dbt project."""
-    root = home / "marts" / f"{history['id']}-{project_fingerprint()}"
+    root = home / "marts" / f"{history['id']}-{serving.project_fingerprint()}"
     done = root / "complete"
     if done.is_file():
         print(f"30-day marts: cached in {root}")

@@ -63,7 +63,8 @@
         {%- if result.node.resource_type == 'model' -%}{%- do done.append(result.node.unique_id) -%}{%- endif -%}
     {%- endfor -%}
     {%- for node in graph.nodes.values() -%}
-        {%- if node.resource_type == 'model' and node.package_name == project_name and node.unique_id not in done -%}
+        {%- if node.resource_type == 'model' and node.package_name == project_name and node.unique_id not in done
+              and node.config.materialized != 'view' -%}
             {{ return('') }}
         {%- endif -%}
     {%- endfor -%}

@@ -115,13 +115,31 @@ def test_a_simulated_day_builds_and_an_incremental_build_equals_a_full_refresh(s
     lake.merge_pending(s3_settings)
     incremental = serving.build(s3_settings, config)
     assert not incremental.full_publish
+    # The views were made by the first build for this very project: not again, their data tests still run.
+    views = warehouse_views(config.warehouse_db)
+    assert len(views) >= 5 and {"congestion_events", "road_traffic_15min", "segment_traffic_15min"} <= views
+    assert incremental.nodes["models"] == first.nodes["models"] - len(views)
+    assert incremental.nodes["data tests"] == first.nodes["data tests"]
+    assert warehouse_views(config.warehouse_db) == views
     patched = read_marts(config.serving_db)
     # The window keeps buckets starting after (latest - 1 day): the new one came, the first one went.
     buckets = patched["segment_traffic_15min"]["bucket_start"]
     assert (buckets.min(), buckets.max()) == (DAY + timedelta(minutes=15), DAY + timedelta(days=1))
     assert buckets.n_unique() == 96
-    serving.build(s3_settings, config, full_refresh=True)
+    rebuilt = serving.build(s3_settings, config, full_refresh=True)
     assert_same_marts(comparable(patched), comparable(read_marts(config.serving_db)))
+    assert rebuilt.nodes["models"] == first.nodes["models"]  # a full refresh makes the views again
+
+    # Another project (here: its record of the views says so): the next build makes the views again.
+    with duckdb.connect(str(config.warehouse_db)) as con:
+        con.execute(f"UPDATE main.{serving.VIEWS_STATE} SET fingerprint = 'another project'")
+    assert serving.build(s3_settings, config).nodes["models"] == first.nodes["models"]
+
+
+def warehouse_views(warehouse_db: Path) -> set[str]:
+    with duckdb.connect(str(warehouse_db), read_only=True) as con:
+        rows = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'")
+        return {name for (name,) in rows.fetchall()}
 
 
 def test_cli_build_then_status_names_the_serving_file(s3_settings, sample_bytes, monkeypatch, tmp_path) -> None:
