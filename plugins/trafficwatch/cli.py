@@ -215,6 +215,19 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_freshness(args: argparse.Namespace) -> int:
+    from trafficwatch import alerts
+
+    freshness = alerts.check_freshness(load_settings())
+    if freshness.stale:
+        if _held is not None:
+            _held.show()
+        print(freshness.line, file=_stderr)
+        return 1
+    _say(freshness.line)
+    return 0
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
     from trafficwatch import operate
 
@@ -380,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the merge log does not hold) with the oldest of them.",
     )
     lag.set_defaults(func=_cmd_lag)
+
+    check = commands.add_parser(
+        "check-freshness",
+        help="exit 1 with one line when the dashboards are stale while the source is up (the pipeline_freshness DAG)",
+        description="Compare the newest data the serving file shows with TRAFFICWATCH_STALE_AFTER (seconds, default "
+        "600). Stale while the newest snapshot in raw/ landed within that threshold (the source is up): print "
+        "one line naming what is stale and by how much on stderr, exit 1. Otherwise (fresh, or the source quiet, "
+        "or nothing landed yet) print the line on stdout, exit 0.",
+    )
+    check.set_defaults(func=_cmd_check_freshness)
 
     down = commands.add_parser(
         "down",

@@ -171,7 +171,7 @@ def stack_memory(home: Path) -> Memory:
 # --------------------------------------------------------------------------- lag
 
 
-def _served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
+def served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
     """(max measured_at in segment_latest, publish time) of the serving file, read-only; (None, None) if absent."""
     if not serving_db.is_file():
         return None, None
@@ -184,7 +184,7 @@ def _served_latest(serving_db: Path) -> tuple[datetime | None, datetime | None]:
     return (latest.astimezone(UTC) if latest else None), (row[0].astimezone(UTC) if row and row[0] else None)
 
 
-def _merged_keys(settings: Settings, storage_options: dict[str, str]) -> tuple[Collection[str], Collection[str]]:
+def merge_log_keys(settings: Settings, storage_options: dict[str, str]) -> tuple[Collection[str], Collection[str]]:
     """Raw keys in the merge log, and those of them it refused (quarantined), read without creating the
     table when it does not exist yet."""
     from deltalake import DeltaTable
@@ -205,6 +205,16 @@ def landed_snapshots(s3: Any, bucket: str) -> dict[str, datetime]:
     from trafficwatch import lake
 
     return {obj.key: obj.landed_at for obj in lake.list_raw(s3, bucket)}
+
+
+def showable_snapshots(landed: Collection[str], refused: Collection[str]) -> dict[str, datetime]:
+    """Raw key -> upstream time of the landed snapshots the dashboards should show: neither what the merge
+    refused (a snapshot dated 2030 would otherwise be "newest" forever) nor keys that name no snapshot time
+    (the merge refuses them)."""
+    from trafficwatch import lake
+
+    showable = {key: lake.key_time(key) for key in landed if key not in refused}
+    return {key: when for key, when in showable.items() if when is not None}
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -284,14 +294,11 @@ def lag(
     options = storage_options if storage_options is not None else lake.storage_options(settings)
     now = now or datetime.now(UTC)
     landed = landed_snapshots(s3, settings.bucket)
-    merged, refused = _merged_keys(settings, options)
+    merged, refused = merge_log_keys(settings, options)
     pending = sorted(set(landed) - set(merged))
     serving_db = serving_db or serving.serving_db_path(settings)
-    served, built_at = _served_latest(serving_db)
-    # What the dashboards should show: neither what the merge refused (a snapshot dated 2030 would otherwise
-    # be "newest" forever) nor keys that name no snapshot time (the merge refuses them).
-    showable = {key: lake.key_time(key) for key in landed if key not in refused}
-    showable = {key: when for key, when in showable.items() if when is not None}
+    served, built_at = served_latest(serving_db)
+    showable = showable_snapshots(landed, refused)
     newest = max(showable, default=None)  # keys sort by upstream time
     newest_at = showable[newest] if newest else None
     unserved_rows = {
@@ -419,7 +426,7 @@ class FreshnessWatcher:
                 measured = self._started_at is not None and landed_at >= self._started_at
                 with self._lock:
                     self.snapshots[key] = SnapshotFreshness(key, measured_at_of(key), landed_at, measured=measured)
-        served, _ = _served_latest(self.serving_db)
+        served, _ = served_latest(self.serving_db)
         seen_at = datetime.now(UTC)
         with self._lock:
             self.served = served

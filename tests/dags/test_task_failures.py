@@ -22,6 +22,7 @@ TASKS = [
     ("traffic_ingest", "fetch_and_land", "ingest"),
     ("traffic_merge", "merge_pending_snapshots", "merge"),
     ("lake_maintenance", "compact_checkpoint_vacuum", "maintenance"),
+    ("pipeline_freshness", "check_dashboards_freshness", "freshness check"),
 ]
 
 

@@ -73,3 +73,36 @@ def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
     done = subprocess.run([str(trafficwatch), "lag"], capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["newest_landed"]["key"] == third
+
+
+def test_check_freshness_command_exits_1_with_the_line_when_stale(
+    s3_settings: Settings, sample_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`trafficwatch check-freshness`: the function of the pipeline_freshness DAG, on the real local S3."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.conftest import SAMPLE_DATETIME
+    from trafficwatch import cli
+
+    serving_db = tmp_path / "serving.duckdb"
+    monkeypatch.setenv("TRAFFICWATCH_SERVING_DB", str(serving_db))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # what main sets, undone after the test
+    now = datetime.now(UTC)
+    assert cli.main(["check-freshness"]) == 0  # nothing landed, nothing shown
+    assert capsys.readouterr().out.startswith("nothing to show yet: no data in the serving file")
+
+    minutes = int((now - datetime.fromisoformat(SAMPLE_DATETIME.decode())).total_seconds() // 60) - 3
+    land_raw(s3_settings, redated(sample_bytes, minutes))  # dated 3 minutes ago, landed now: the source is up
+    with duckdb.connect(str(serving_db)) as con:
+        shown = now - timedelta(minutes=16)
+        con.execute("CREATE TABLE segment_latest AS SELECT ?::TIMESTAMPTZ AS measured_at", [shown])
+    assert cli.main(["check-freshness"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("dashboards stale: newest data shown ") and " is 16.0 min old (threshold 10 min); " in line
+    assert line.endswith("merged: no")
+
+    monkeypatch.setenv("TRAFFICWATCH_STALE_AFTER", "1200")
+    assert cli.main(["check-freshness"]) == 0
+    assert capsys.readouterr().out.startswith("dashboards fresh: ")
