@@ -61,19 +61,24 @@ class Mart:
     (for episodes: the earliest of those times and the previous latest snapshot, minus the episode gap).
     It is the rule the dbt models use to rebuild rows. `typical`: the road marts, whose typical values
     (joined from the all-history profile on PROFILE_KEY) are refreshed where the profile moved.
+    `stable`: for a mart whose every row changes each minute but some wide columns seldom do (a segment's
+    geometry), the unique `key` and those columns: the other columns are updated in place and only rows
+    whose stable columns changed are rewritten, so the file's checkpoint does not write them again.
     """
 
     name: str
     keep: str | None = None
     changed: str | None = None
     typical: bool = False
+    key: str | None = None
+    stable: tuple[str, ...] = ()
 
 
 TOUCHED_BUCKETS = "SELECT DISTINCT time_bucket(INTERVAL 15 MINUTE, measured_at) FROM touched"
 TOUCHED_HOURS = "SELECT DISTINCT time_bucket(INTERVAL 1 HOUR, measured_at) FROM touched"
 # What the dashboards read, in the serving file's `main` schema.
 MARTS = (
-    Mart("segment_latest"),
+    Mart("segment_latest", key="segment_key", stable=("geometry_geojson", "path_json")),
     Mart("network_kpis_latest"),
     Mart("road_hour_of_week_profile"),
     Mart("segment_free_flow"),
@@ -339,6 +344,39 @@ def _record_views_built(config: ServingConfig, fingerprint: str) -> None:
         con.execute(f"CREATE OR REPLACE TABLE main.{VIEWS_STATE} AS SELECT ?::VARCHAR AS fingerprint", [fingerprint])
 
 
+def _dbt_common_args(config: ServingConfig) -> list[str]:
+    return [
+        "--project-dir", str(DBT_PROJECT_DIR),
+        "--profiles-dir", str(DBT_PROJECT_DIR),
+        "--target-path", str(config.dbt_dir / "target"),
+        "--log-path", str(config.dbt_dir / "logs"),
+        # dbt.log keeps one line per node, not every SQL statement: at debug level, writing it (under a
+        # lock the node threads queue for) was a tenth of a minute's build. The statements are in the
+        # compiled files under the target path.
+        "--log-level-file", "info",
+    ]  # fmt: skip
+
+
+AUDIT_SELECTION = "resource_type:test,path:models/staging"  # the data tests of `audit`, not of every build
+_PARSED: dict[tuple[Any, ...], Any] = {}  # the last parsed project: (fingerprint, dbt environment) -> Manifest
+
+
+def _parsed_project(common_args: list[str], key: tuple[Any, ...]) -> Any:
+    """The dbt project parsed once per process (for one fingerprint and environment), then handed to every
+    build: even a partial parse that finds nothing changed reads and checks the whole saved manifest, ~0.5 s
+    of CPU a build, which the worker service (a long-lived process) need not pay each minute."""
+    from dbt.cli.main import dbtRunner
+
+    if key not in _PARSED:
+        outcome = dbtRunner().invoke(["parse", *common_args, "--no-write-json"])
+        if not outcome.success:
+            cause = _one_line(str(outcome.exception or "see the dbt log"))
+            raise BuildError(f"dbt could not parse the project: {cause}")
+        _PARSED.clear()
+        _PARSED[key] = outcome.result
+    return _PARSED[key]
+
+
 def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = False) -> dict[str, int]:
     """One `dbt build` (models, then their data tests) into the warehouse; counts of nodes built by type.
 
@@ -354,23 +392,27 @@ def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = Fals
     config.warehouse_db.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = project_fingerprint()
     views_current = not full_refresh and _views_built_for(config) == fingerprint
+    common = _dbt_common_args(config)
     args = [
         "build",
-        "--project-dir", str(DBT_PROJECT_DIR),
-        "--profiles-dir", str(DBT_PROJECT_DIR),
-        "--target-path", str(config.dbt_dir / "target"),
-        "--log-path", str(config.dbt_dir / "logs"),
+        *common,
         "--no-write-json",  # manifest.json and run_results.json: ~1 s a build that nobody reads here
-    ]  # fmt: skip
+    ]
     if views_current:
         # Every node but the view models. Not `--exclude` of the views: that drops their data tests too.
         args += ["--select", "config.materialized:table config.materialized:incremental resource_type:test"]
+    if not full_refresh:
+        # The staging tests check the lake itself (one row per segment and snapshot, known statuses), which
+        # the merge already guarantees; they scan two days of it. `audit` runs them every hour.
+        args += ["--exclude", AUDIT_SELECTION]
     if full_refresh:
         # Every incremental model then reads the whole history: one at a time bounds memory and S3 load.
         args += ["--full-refresh", "--threads", "1"]
-    with _environment(_dbt_environment(settings, config)):
+    environment = _dbt_environment(settings, config)
+    with _environment(environment):
         try:
-            outcome = dbtRunner().invoke(args)
+            manifest = _parsed_project(common, (fingerprint, *sorted(environment.items(), key=str)))
+            outcome = dbtRunner(manifest=manifest).invoke(args)
         finally:
             _release_warehouse()
     results = list(getattr(outcome.result, "results", None) or [])
@@ -389,6 +431,36 @@ def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = Fals
         kind = "data tests" if result.node.resource_type == "test" else f"{result.node.resource_type}s"
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def audit(settings: Settings, config: ServingConfig | None = None) -> dict[str, int]:
+    """The data tests a minute's build leaves out (`AUDIT_SELECTION`: the lake's own guarantees, seen
+    through the staging models), run on their own: the `marts_audit` DAG every hour and `trafficwatch
+    audit`. Counts of tests run; raises DataTestsFailed naming the failing tests."""
+    from dbt.cli.main import dbtRunner
+
+    config = config or ServingConfig.from_env(settings)
+    ensure_extensions(config.extension_dir)
+    common = _dbt_common_args(config)
+    environment = _dbt_environment(settings, config)
+    with _build_lock(config), _environment(environment):
+        try:
+            manifest = _parsed_project(common, (project_fingerprint(), *sorted(environment.items(), key=str)))
+            outcome = dbtRunner(manifest=manifest).invoke(
+                ["test", *common, "--no-write-json", "--select", AUDIT_SELECTION]
+            )
+        finally:
+            _release_warehouse()
+    results = list(getattr(outcome.result, "results", None) or [])
+    if not outcome.success:
+        message, failed_tests = _failure_message(results)
+        message = f"dbt test failed: {message or _one_line(str(outcome.exception or 'see the dbt log above'))}"
+        if failed_tests:
+            raise DataTestsFailed(message, failed_tests)
+        raise BuildError(message)
+    if not results:
+        raise BuildError(f"audit ran no data test: nothing matches {AUDIT_SELECTION!r}")
+    return {"data tests": len(results)}
 
 
 # --------------------------------------------------------------------------- publish
@@ -508,6 +580,30 @@ def _patch(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime, since: 
     return served_rows == source_rows
 
 
+def _patch_columns(con: duckdb.DuckDBPyConnection, mart: Mart) -> bool:
+    """Bring a mart with `stable` columns up to date column-wise; False if its columns drifted.
+
+    Rows whose key left the warehouse or whose stable columns changed are deleted and written again;
+    every other column of the remaining rows is updated in place. A DuckDB checkpoint rewrites only the
+    columns that changed: the geometry of 2,859 segments is not written again every minute.
+    """
+    served, source = f"serving.main.{mart.name}", f"{WAREHOUSE_NAME}.main.{mart.name}"
+    columns = [row[0] for row in con.execute(f"DESCRIBE {source}").fetchall()]
+    if columns != [row[0] for row in con.execute(f"DESCRIBE {served}").fetchall()]:
+        return False
+    same = " AND ".join(f"w.{column} IS NOT DISTINCT FROM s.{column}" for column in (mart.key, *mart.stable))
+    con.execute(f"DELETE FROM {served} AS s WHERE NOT EXISTS (SELECT 1 FROM {source} AS w WHERE {same})")
+    assignments = ", ".join(f"{c} = w.{c}" for c in columns if c != mart.key and c not in mart.stable)
+    con.execute(f"UPDATE {served} AS s SET {assignments} FROM {source} AS w WHERE s.{mart.key} = w.{mart.key}")
+    con.execute(
+        f"INSERT INTO {served} SELECT * FROM {source} AS w "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {served} AS s WHERE s.{mart.key} = w.{mart.key})"
+    )
+    (served_rows,) = con.execute(f"SELECT count(*) FROM {served}").fetchone()
+    (source_rows,) = con.execute(f"SELECT count(*) FROM {source}").fetchone()
+    return served_rows == source_rows
+
+
 def publish(config: ServingConfig, full: bool = False) -> Published:
     """Publish the warehouse's marts to the serving file by atomic replace (under the build lock).
 
@@ -573,8 +669,9 @@ def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: 
             moments = [moment for moment in (earliest, served_latest) if moment is not None]
             since = (min(moments) if moments else built_at) - episode_gap() - timedelta(minutes=1)
         for mart in MARTS:
-            if patch and mart.changed:
-                if not _patch(con, mart, cutoff, since):
+            if patch and (mart.changed or mart.stable):
+                patched = _patch(con, mart, cutoff, since) if mart.changed else _patch_columns(con, mart)
+                if not patched:
                     log.warning("publishing a whole copy: %s in the serving file differs from the warehouse", mart.name)
                     con.execute("ROLLBACK")
                     return None

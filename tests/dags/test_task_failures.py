@@ -52,13 +52,17 @@ def test_task_fails_with_one_line_naming_the_cause(dag_id, task_id, action, dags
     assert failure.value.__suppress_context__  # raised `from None`: Airflow shows this line, not a chain
 
 
-def test_marts_task_fails_with_one_line(dags, s3_settings, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("dag_id", "task_id", "action"),
+    [("traffic_marts", "build_and_publish_marts", "build"), ("marts_audit", "audit_lake_through_staging", "audit")],
+)
+def test_marts_tasks_fail_with_one_line(dag_id, task_id, action, dags, s3_settings, monkeypatch) -> None:
     monkeypatch.setenv("TRAFFICWATCH_SERVING_DAYS", "a week")
-    task = dags["traffic_marts"].get_task("build_and_publish_marts")
+    task = dags[dag_id].get_task(task_id)
     with pytest.raises(AirflowException) as failure:
         task.python_callable()
     assert str(failure.value) == (
-        "build failed: configuration error: TRAFFICWATCH_SERVING_DAYS='a week' is not a whole number of days"
+        f"{action} failed: configuration error: TRAFFICWATCH_SERVING_DAYS='a week' is not a whole number of days"
     )
 
 

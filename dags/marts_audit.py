@@ -1,0 +1,48 @@
+"""
+### Marts audit: the data tests a minute's build leaves out, every hour
+
+A build after every merge runs the data tests that guard what it wrote. The tests of the staging models
+check the lake itself over its last two days: one row per segment and snapshot, only known traffic
+statuses, one version in force per road segment. The merge already guarantees those (it validates every
+snapshot and merges each exactly once), so they run here, once an hour, instead of in every build.
+
+A failure names the failing tests in one line, is not retried (the same data fails the same way) and
+needs an operator: the lake holds rows the merge should have refused. Same function as
+`trafficwatch audit`; it waits for a running build (one writer on the warehouse) and holds the next.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+
+@dag(
+    schedule="@hourly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["trafficwatch", "dbt", "audit"],
+    default_args={"owner": "trafficwatch", "retries": 1, "retry_delay": timedelta(minutes=1)},
+)
+def marts_audit() -> None:
+    @task(execution_timeout=timedelta(minutes=20))
+    def audit_lake_through_staging() -> dict:
+        from trafficwatch.config import load_settings
+        from trafficwatch.errors import failure
+        from trafficwatch.serving import DataTestsFailed, audit
+
+        try:
+            return audit(load_settings())
+        except DataTestsFailed as error:  # the same data would fail the same way: no retry
+            raise AirflowFailException(failure("audit", error)) from None
+        except Exception as error:  # one line naming the cause; the traceback is in the log above it
+            raise AirflowException(failure("audit", error)) from None
+
+    audit_lake_through_staging()
+
+
+marts_audit()
