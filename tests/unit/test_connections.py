@@ -4,9 +4,12 @@ environment), the environment otherwise; the API's base URL likewise; a broken c
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import yaml
 
+from tests.conftest import REPO
 from trafficwatch import errors, lake, serving, storage, worker
 from trafficwatch.config import DEFAULT_API_URL, ConfigError, Settings, load_settings
 from trafficwatch.connections import connection_variables, task_settings
@@ -199,3 +202,30 @@ def test_explicit_credentials_are_settings_not_environment() -> None:
     settings = load_settings()
     assert isinstance(settings, Settings) and settings.aws_access_key_id is None
     assert "AWS_ACCESS_KEY_ID" not in lake.storage_options(settings)
+
+
+def _interpolated(text: str, values: dict[str, str]) -> str:
+    """A compose value with `${NAME:-default}` / `${NAME:?message}` replaced as compose would."""
+
+    def one(match: re.Match) -> str:
+        name, operator, rest = match.group(1), match.group(2), match.group(3)
+        return values.get(name) or (rest if operator == ":-" else "")
+
+    return re.sub(r"\$\{([A-Z0-9_]+)(:[-?])?([^}]*)\}", one, text)
+
+
+def test_compose_gives_the_airflow_services_both_connections(monkeypatch) -> None:
+    """Built from the same variables as the worker's environment: the worker serves the tasks' requests."""
+    environment = yaml.safe_load((REPO / "docker-compose.yml").read_text())["x-pipeline"]["environment"]
+    values = {"AWS_ACCESS_KEY_ID": "composekey1", "AWS_SECRET_ACCESS_KEY": "compose/secret+1"}
+    for name in ENV:
+        monkeypatch.delenv(name)
+    for name in ("AIRFLOW_CONN_TRAFFICWATCH_S3", "AIRFLOW_CONN_TRAFFICWATCH_API"):
+        monkeypatch.setenv(name, _interpolated(environment[name], values))
+    settings = task_settings()
+    assert (settings.s3_endpoint_url, settings.aws_region) == ("http://s3:8333", "us-east-1")
+    assert settings.s3_credentials == {"AWS_ACCESS_KEY_ID": "composekey1", "AWS_SECRET_ACCESS_KEY": "compose/secret+1"}
+    assert settings.api_url == DEFAULT_API_URL
+    worker_env = {name: _interpolated(str(environment[name]), values) for name in ENV if name in environment}
+    assert worker_env["AWS_ENDPOINT_URL"] == settings.s3_endpoint_url
+    assert worker_env["AWS_ACCESS_KEY_ID"] == settings.aws_access_key_id
