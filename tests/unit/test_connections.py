@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import boto3
 import pytest
 import yaml
 
@@ -34,6 +35,8 @@ def environment(monkeypatch, tmp_path) -> None:
     for name in ("TRAFFICWATCH_API_CONN_ID", "AIRFLOW_CONN_TRAFFICWATCH_S3", "AIRFLOW_CONN_TRAFFICWATCH_API"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TRAFFICWATCH_HOME", str(tmp_path / "home"))
+    # boto3's default session keeps the first credentials it finds: these fake ones must not outlive the test.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
 
 def _s3(monkeypatch, name: str = "AIRFLOW_CONN_TRAFFICWATCH_S3", **fields) -> None:
