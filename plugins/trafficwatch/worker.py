@@ -63,7 +63,7 @@ def lake_identity(settings: Settings) -> dict[str, str | None]:
     return {
         "home": str(settings.home),
         "bucket": settings.bucket,
-        "s3_endpoint": settings.s3_endpoint_url,
+        "s3_endpoint": (settings.s3_endpoint_url or "").rstrip("/") or None,
         "s3_access_key_id": settings.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None,
     }
 
@@ -144,8 +144,8 @@ class Worker:
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         own = lake_identity(self.settings)
         if {name: request.get(name) for name in own} != own:
-            where = f"home {own['home']}, bucket {own['bucket']}, S3 {own['s3_endpoint'] or 'AWS S3'}"
-            return {"mismatch": f"the worker serves another lake or S3 credentials ({where})"}
+            where = f"home {own['home']} and bucket {own['bucket']} on S3 {own['s3_endpoint'] or 'AWS S3'}"
+            return {"mismatch": f"the worker serves {where}, with its own keys"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
             "merge": self.merge, "pending": self.pending, "build": self.build,
         }  # fmt: skip

@@ -76,7 +76,9 @@ def test_ingest_and_merge_run_with_s3_only_as_an_airflow_connection(connections_
     assert _states(maintenance) == {"compact_checkpoint_vacuum": "success"}
 
 
-def test_marts_build_reads_the_lake_with_the_connection_credentials(connections_only, sample_bytes) -> None:
+def test_marts_build_and_freshness_check_read_the_lake_with_the_connection_credentials(
+    connections_only, sample_bytes, monkeypatch
+) -> None:
     """dbt's DuckDB gets the connection's keys: the build reads the Delta tables on the local S3 and publishes."""
     checked = connections_only
     land_raw(checked, sample_bytes)
@@ -88,3 +90,8 @@ def test_marts_build_reads_the_lake_with_the_connection_credentials(connections_
         assert con.execute("SELECT count(*) FROM segment_latest").fetchone()[0] == SAMPLE_RECORDS
     # The build put the process's AWS variables back as they were: none.
     assert not [name for name in AWS_VARIABLES if name in os.environ]
+
+    # The freshness check reads raw/ and the serving file: fresh under a threshold of years (the sample is of 2024).
+    monkeypatch.setenv("TRAFFICWATCH_STALE_AFTER", str(20 * 365 * 86400))
+    freshness = _dag("pipeline_freshness").test()
+    assert _states(freshness) == {"check_dashboards_freshness": "success"}
