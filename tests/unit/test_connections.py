@@ -232,3 +232,15 @@ def test_compose_gives_the_airflow_services_both_connections(monkeypatch) -> Non
     worker_env = {name: _interpolated(str(environment[name]), values) for name in ENV if name in environment}
     assert worker_env["AWS_ENDPOINT_URL"] == settings.s3_endpoint_url
     assert worker_env["AWS_ACCESS_KEY_ID"] == settings.aws_access_key_id
+
+
+def test_the_local_airflow_service_gets_both_connections(monkeypatch) -> None:
+    """What `make demo` / `make up` start (`trafficwatch service start airflow`) carries the two connections."""
+    from trafficwatch import services
+
+    env = services.airflow(8080).env
+    s3 = json.loads(env["AIRFLOW_CONN_TRAFFICWATCH_S3"])
+    assert (s3["conn_type"], s3["login"], s3["extra"]["endpoint_url"]) == ("aws", "envkey0001", "http://env-s3:8333")
+    assert json.loads(env["AIRFLOW_CONN_TRAFFICWATCH_API"])["host"] == "http://env-feed:8090"
+    monkeypatch.setenv("AIRFLOW_CONN_TRAFFICWATCH_S3", '{"conn_type": "aws"}')  # the operator's own: kept
+    assert "AIRFLOW_CONN_TRAFFICWATCH_S3" not in services.airflow(8080).env
