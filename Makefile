@@ -56,6 +56,8 @@ _airflow:
 	mkdir -p "$$TRAFFICWATCH_HOME/logs"
 	$(VENV)/bin/airflow db migrate > "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log" 2>&1 || \
 	  { tail -20 "$$TRAFFICWATCH_HOME/logs/airflow-migrate.log"; exit 1; }
+	# Its environment gets the Airflow connections trafficwatch_s3 and trafficwatch_api, made from these settings
+	# (AIRFLOW_CONN_* variables already set in the shell or .env are kept): see trafficwatch/connections.py.
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
 
 bench: install superset-install ## every benchmark (lake merge, marts build, stack freshness), one report in .data/bench/report.json

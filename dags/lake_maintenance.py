@@ -28,14 +28,16 @@ from airflow.sdk.exceptions import AirflowException
 def lake_maintenance() -> None:
     @task(execution_timeout=timedelta(minutes=30))
     def compact_checkpoint_vacuum() -> str:
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
         from trafficwatch.lake import maintain
 
+        settings = None
         try:
-            return maintain(load_settings()).summary()
+            settings = task_settings()
+            return maintain(settings).summary()
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("maintenance", error)) from None
+            raise AirflowException(failure("maintenance", error, settings)) from None
 
     compact_checkpoint_vacuum()
 

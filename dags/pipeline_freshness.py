@@ -52,13 +52,15 @@ def pipeline_freshness() -> None:
     @task(on_failure_callback=notifier_from_env())
     def check_dashboards_freshness() -> dict:
         from trafficwatch import alerts
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
 
+        settings = None
         try:
-            freshness = alerts.check_freshness(load_settings())
+            settings = task_settings()
+            freshness = alerts.check_freshness(settings)
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("freshness check", error)) from None
+            raise AirflowException(failure("freshness check", error, settings)) from None
         if freshness.stale:  # the same state would fail the same way: no retry, the next check comes soon
             raise AirflowFailException(freshness.line)
         if freshness.state != alerts.FRESH:

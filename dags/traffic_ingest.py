@@ -2,8 +2,9 @@
 ### Traffic ingest: land every new Rennes traffic snapshot in S3
 
 Every minute, fetch the whole real-time snapshot of the 2,859 road segments of Rennes Métropole from the
-Opendatasoft API (`TRAFFICWATCH_API_URL`, `TRAFFICWATCH_API_MODE`) and land it unchanged under `raw/` in
-the `TRAFFICWATCH_BUCKET` bucket, keyed by the snapshot's upstream `datetime`.
+Opendatasoft API (the Airflow connection `trafficwatch_api`, else `TRAFFICWATCH_API_URL`; `TRAFFICWATCH_API_MODE`)
+and land it unchanged under `raw/` in the `TRAFFICWATCH_BUCKET` bucket (S3 from the Airflow connection
+`trafficwatch_s3`, else the AWS variables), keyed by the snapshot's upstream `datetime`.
 
 The upstream publishes about every 3 minutes, so most polls find a snapshot that is already landed: the
 task then writes nothing and ends **skipped**, and no asset event is emitted. A **success** means a new
@@ -42,15 +43,16 @@ from trafficwatch.assets import RAW_SNAPSHOTS
 def traffic_ingest() -> None:
     @task(outlets=[RAW_SNAPSHOTS])
     def fetch_and_land(*, outlet_events=None) -> dict[str, str | int]:
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
         from trafficwatch.landing import ingest
 
+        settings = None
         try:
-            settings = load_settings()
+            settings = task_settings()
             result = ingest(settings)
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("ingest", error)) from None
+            raise AirflowException(failure("ingest", error, settings)) from None
         if not result.landed:
             raise AirflowSkipException(result.summary(settings.bucket))
         outlet_events[RAW_SNAPSHOTS].extra = result.as_dict()

@@ -40,17 +40,19 @@ from trafficwatch.assets import LAKE_OBSERVATIONS, SERVING_DB
 def traffic_marts() -> None:
     @task(outlets=[SERVING_DB], execution_timeout=timedelta(minutes=30))
     def build_and_publish_marts() -> dict:
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
         from trafficwatch.serving import DataTestsFailed
         from trafficwatch.worker import build_marts
 
+        settings = None
         try:
-            return build_marts(load_settings()).as_dict()
+            settings = task_settings()
+            return build_marts(settings).as_dict()
         except DataTestsFailed as error:  # the same data would fail the same way: no retry
-            raise AirflowFailException(failure("build", error)) from None
+            raise AirflowFailException(failure("build", error, settings)) from None
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("build", error)) from None
+            raise AirflowException(failure("build", error, settings)) from None
 
     build_and_publish_marts()
 

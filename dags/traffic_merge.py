@@ -48,14 +48,16 @@ def traffic_merge() -> None:
 
     @task(outlets=[LAKE_OBSERVATIONS], execution_timeout=timedelta(minutes=30))
     def merge_pending_snapshots() -> dict[str, int | float]:
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
         from trafficwatch.worker import merge_pending
 
+        settings = None
         try:
-            result = merge_pending(load_settings())
+            settings = task_settings()
+            result = merge_pending(settings)
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("merge", error)) from None
+            raise AirflowException(failure("merge", error, settings)) from None
         if not result.merged_objects and not result.quarantined_objects:
             raise AirflowSkipException(result.summary())
         return result.as_dict()

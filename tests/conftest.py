@@ -129,6 +129,7 @@ def land_raw(settings: Settings, body: bytes) -> str:
     from trafficwatch.source import normalize_payload
 
     key = raw_key(normalize_payload(body).measured_at)
-    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
-    client.put_object(Bucket=settings.bucket, Key=key, Body=gzip.compress(body, mtime=0))
+    from trafficwatch.storage import s3_client
+
+    s3_client(settings).put_object(Bucket=settings.bucket, Key=key, Body=gzip.compress(body, mtime=0))
     return key

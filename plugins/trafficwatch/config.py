@@ -1,18 +1,22 @@
 """Every setting of TrafficWatch, read once from the environment.
 
 The same variables drive the CLI, the DAGs and the tests; `.env.example` documents each one.
-AWS credentials are not read here: boto3 and delta-rs take them from the standard variables.
+AWS credentials are not read here: boto3 and delta-rs take them from the standard variables, unless the
+settings carry explicit ones (the DAG tasks' Airflow connection, see `connections`), which then go to boto3,
+delta-rs and dbt's DuckDB alike.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DATASET = "etat-du-trafic-en-temps-reel"
 API_MODES = ("exports", "records", "v1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_API_URL = "https://data.rennesmetropole.fr"
+DEFAULT_REGION = "us-east-1"
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,22 @@ class Settings:
     # How far a snapshot's upstream time may lie after its fetch (ingest) or its landing (merge): clocks
     # drift a little, a snapshot from the future is a broken source.
     future_tolerance_s: float = 600.0
+    # Explicit S3 credentials (an Airflow connection's); None: the standard AWS variables and credential chain.
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
+    # Where the S3 endpoint and credentials come from, as error messages name it.
+    s3_source: str = "environment"
+
+    @property
+    def s3_credentials(self) -> dict[str, str]:
+        """The explicit credentials as AWS variable names (empty when they come from the environment)."""
+        if not self.aws_access_key_id:
+            return {}
+        named = {"AWS_ACCESS_KEY_ID": self.aws_access_key_id, "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key}
+        if self.aws_session_token:
+            named["AWS_SESSION_TOKEN"] = self.aws_session_token
+        return {name: value for name, value in named.items() if value}
 
     @property
     def raw_uri(self) -> str:
@@ -72,13 +92,13 @@ def load_settings() -> Settings:
     return Settings(
         home=home,
         bucket=os.environ.get("TRAFFICWATCH_BUCKET", "trafficwatch"),
-        api_url=os.environ.get("TRAFFICWATCH_API_URL", "https://data.rennesmetropole.fr").rstrip("/"),
+        api_url=os.environ.get("TRAFFICWATCH_API_URL", DEFAULT_API_URL).rstrip("/"),
         api_mode=mode,
         http_timeout_s=_float("TRAFFICWATCH_HTTP_TIMEOUT", 15.0),
         http_attempts=_int("TRAFFICWATCH_HTTP_ATTEMPTS", 3),
         fetch_budget_s=_float("TRAFFICWATCH_FETCH_BUDGET", 40.0),
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-        aws_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        aws_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
         merge_poll_interval_s=_float("TRAFFICWATCH_MERGE_POLL_INTERVAL", 10.0),
         vacuum_retention_hours=_int("TRAFFICWATCH_VACUUM_RETENTION_HOURS", 168),
         log_retention=os.environ.get("TRAFFICWATCH_LOG_RETENTION", "interval 24 hours"),

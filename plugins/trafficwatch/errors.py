@@ -117,7 +117,7 @@ def _botocore(error: BaseException, settings: Settings | None) -> str | None:
     if exceptions is None:
         return None
     if isinstance(error, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
-        return _no_credentials()
+        return _no_credentials(settings)
     if isinstance(error, exceptions.ParamValidationError):  # e.g. a bucket name S3 would refuse
         return f"S3 request not sent: {_joined(str(error))}"
     if isinstance(error, exceptions.EndpointConnectionError | exceptions.ConnectTimeoutError):
@@ -140,7 +140,7 @@ def _botocore(error: BaseException, settings: Settings | None) -> str | None:
 def _object_store(text: str, settings: Settings | None) -> str | None:
     """The cause in the message of delta-rs', polars' or DuckDB's S3 client, when it says one."""
     if NO_CREDENTIALS.search(text):
-        return _no_credentials()
+        return _no_credentials(settings)
     code = S3_CODE.search(text)
     if code:
         bucket = S3_BUCKET.search(text)
@@ -165,10 +165,7 @@ def _object_store(text: str, settings: Settings | None) -> str | None:
 
 def _s3_code(code: str, bucket: str, settings: Settings | None, message: str) -> str:
     if code in CREDENTIAL_CODES:
-        return (
-            f"S3 refused the credentials ({code}) for bucket {bucket}: "
-            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        )
+        return f"S3 refused the credentials ({code}) for bucket {bucket}: check {_keys(settings)}"
     if code in MISSING_BUCKET_CODES:
         return f"S3 bucket {bucket} does not exist at {_endpoint(settings, '')}: create it or set TRAFFICWATCH_BUCKET"
     if code == "403":  # a HEAD request: no body, so no code saying which
@@ -180,8 +177,15 @@ def _s3_code(code: str, bucket: str, settings: Settings | None, message: str) ->
     return f"S3 error {code} for bucket {bucket}" + (f" ({_first_line(message)})" if message else "")
 
 
-def _no_credentials() -> str:
-    return "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+def _no_credentials(settings: Settings | None) -> str:
+    return f"no S3 credentials found: set {_keys(settings)}"
+
+
+def _keys(settings: Settings | None) -> str:
+    """Where the S3 keys are set: the environment's variables, or the Airflow connection the settings came from."""
+    if settings and settings.s3_source != "environment":
+        return f"the login (access key id) and password (secret key) of {settings.s3_source}"
+    return "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 
 
 def _unreachable(text: str) -> str | None:

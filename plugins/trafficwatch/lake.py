@@ -169,8 +169,9 @@ INTEGER_COLUMNS = ("speed_kmh", "travel_time_s", "reliability_pct", "probe_count
 
 
 def storage_options(settings: Settings) -> dict[str, str]:
-    """delta-rs object store options; credentials come from the standard AWS variables."""
-    options = {"AWS_REGION": settings.aws_region}
+    """delta-rs (and polars) object store options; credentials come from the standard AWS variables unless
+    the settings carry explicit ones."""
+    options = {"AWS_REGION": settings.aws_region, **settings.s3_credentials}
     if settings.s3_endpoint_url:
         options["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
         options["AWS_ALLOW_HTTP"] = str(settings.s3_endpoint_url.startswith("http://")).lower()

@@ -30,6 +30,8 @@ from pathlib import Path
 import boto3
 import botocore.exceptions
 
+from trafficwatch import connections
+
 
 @dataclass(frozen=True)
 class Service:
@@ -245,6 +247,8 @@ def airflow(port: int) -> Service:
     bin_dir = str(Path(venv_bin("airflow")).parent)
     # standalone launches `airflow` subprocesses by name, so the environment's bin must lead PATH.
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Its tasks take S3 and the API from Airflow connections: made from the local settings, unless set already.
+    env.update(connections.connection_variables(os.environ))
     return Service(
         "airflow",
         [venv_bin("airflow"), "standalone"],

@@ -270,14 +270,20 @@ def _environment(values: dict[str, str | None]) -> Iterator[None]:
 
 
 def _dbt_environment(settings: Settings, config: ServingConfig) -> dict[str, str | None]:
-    """What profiles.yml and __sources.yml read, taken from the settings so both always agree."""
-    return {
+    """What profiles.yml and __sources.yml read, taken from the settings so both always agree. Explicit
+    credentials (a DAG task's Airflow connection) replace the process's AWS keys for the build; without them
+    DuckDB's S3 secret takes the keys of the environment."""
+    values: dict[str, str | None] = {
         "TRAFFICWATCH_HOME": str(config.home),
         "TRAFFICWATCH_BUCKET": settings.bucket,
         "AWS_ENDPOINT_URL": settings.s3_endpoint_url,
         "AWS_REGION": settings.aws_region,
         "DO_NOT_TRACK": "1",
     }
+    credentials = settings.s3_credentials
+    if credentials:
+        values.update({"AWS_SESSION_TOKEN": None, **credentials})
+    return values
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -1,7 +1,8 @@
 """S3 access shared by every stage.
 
 The same code talks to AWS S3 or to the local server: only `AWS_ENDPOINT_URL` differs. Credentials come
-from the standard AWS variables, never from this repository.
+from the standard AWS variables, or from the settings when they carry explicit ones (a DAG task's Airflow
+connection); never from this repository.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def s3_client(settings: Settings) -> Any:
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.aws_region,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        aws_session_token=settings.aws_session_token,
         config=botocore.config.Config(
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=5,

@@ -16,17 +16,31 @@ from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from trafficwatch.config import Settings
 
-def count_pending() -> int:
+
+def lake_settings() -> Settings:
+    """The task's settings (S3 from the Airflow connection when defined, see `connections`); a bad connection
+    raises AirflowException with its one line."""
+    from trafficwatch import errors
+    from trafficwatch.connections import task_settings
+
+    try:
+        return task_settings()
+    except Exception as error:
+        raise AirflowException(errors.failure("wait for landed snapshots", error)) from None
+
+
+def count_pending(settings: Settings | None = None) -> int:
     """Landed snapshots the merge log does not hold. A failure (S3 unreachable, wrong keys...) raises
     AirflowException with the one line `trafficwatch` would print; its traceback goes to the log."""
     from trafficwatch import errors, worker
-    from trafficwatch.config import load_settings
 
+    settings = settings or lake_settings()
     try:
-        return worker.count_pending(load_settings())
+        return worker.count_pending(settings)
     except Exception as error:
-        raise AirflowException(errors.failure("wait for landed snapshots", error)) from None
+        raise AirflowException(errors.failure("wait for landed snapshots", error, settings)) from None
 
 
 class PendingRawTrigger(BaseTrigger):
@@ -46,9 +60,11 @@ class PendingRawTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger keeps its own deadline: dag.test() runs triggers inline and ignores defer timeouts.
         deadline = time.monotonic() + self.wait_s
+        settings = None  # looked up once per wait: the connection is not read again at every poll
         while True:
             try:
-                pending = await asyncio.to_thread(count_pending)
+                settings = settings or await asyncio.to_thread(lake_settings)
+                pending = await asyncio.to_thread(count_pending, settings)
             except AirflowException as error:  # back to the task, as its one-line failure
                 yield TriggerEvent({"pending": 0, "error": str(error)})
                 return

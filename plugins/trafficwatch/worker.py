@@ -14,9 +14,15 @@ same home and bucket, and otherwise do it in their own process. Either way the s
 (`lake.merge_pending`, `lake.pending_raw`, `serving.build`), and failures come back as the same exceptions.
 The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
 
+The worker is a service of its own, configured by its environment (`make demo` / `make up` and compose start it
+with the S3 variables): it works with its own credentials, never with the requester's, which do not travel. A
+request names the lake it means: home, bucket, S3 endpoint and access key id (not a secret). A requester whose
+settings name another (a DAG task given other S3 credentials by its Airflow connection) gets a mismatch and
+does the work in its own process with its own credentials.
+
 Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build", "home",
-"bucket", "full_refresh"}`; answer `{"result", "log"}`, or `{"error", "failed_tests", "log"}`, or
-`{"mismatch"}` when the worker serves another home or bucket.
+"bucket", "s3_endpoint", "s3_access_key_id", "full_refresh"}`; answer `{"result", "log"}`, or
+`{"error", "failed_tests", "log"}`, or `{"mismatch"}` when the worker serves another lake or credentials.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import socket
 import socketserver
 import threading
@@ -49,6 +56,16 @@ class WorkerError(RuntimeError):
 
 def socket_path(settings: Settings) -> Path:
     return settings.home / "run" / SOCKET_NAME
+
+
+def lake_identity(settings: Settings) -> dict[str, str | None]:
+    """What a request and the worker must agree on: the lake (home, bucket, S3 endpoint) and whose keys."""
+    return {
+        "home": str(settings.home),
+        "bucket": settings.bucket,
+        "s3_endpoint": (settings.s3_endpoint_url or "").rstrip("/") or None,
+        "s3_access_key_id": settings.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None,
+    }
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -125,8 +142,10 @@ class Worker:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        if (request.get("home"), request.get("bucket")) != (str(self.settings.home), self.settings.bucket):
-            return {"mismatch": f"the worker serves home {self.settings.home} and bucket {self.settings.bucket}"}
+        own = lake_identity(self.settings)
+        if {name: request.get(name) for name in own} != own:
+            where = f"home {own['home']} and bucket {own['bucket']} on S3 {own['s3_endpoint'] or 'AWS S3'}"
+            return {"mismatch": f"the worker serves {where}, with its own keys"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
             "merge": self.merge, "pending": self.pending, "build": self.build,
         }  # fmt: skip
@@ -197,7 +216,7 @@ def _ask(settings: Settings, op: str, **arguments: Any) -> dict[str, Any] | None
         return None
     with conn:
         try:
-            _send(conn, {"op": op, "home": str(settings.home), "bucket": settings.bucket, **arguments})
+            _send(conn, {"op": op, **lake_identity(settings), **arguments})
             answer = _receive(conn)
         except (OSError, ValueError) as error:  # it stopped mid-answer, or answered garbage
             raise WorkerError(f"the worker on {socket_path(settings)} failed to answer {op}: {error}") from None
