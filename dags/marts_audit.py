@@ -31,16 +31,18 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 def marts_audit() -> None:
     @task(execution_timeout=timedelta(minutes=20))
     def audit_lake_through_staging() -> dict:
-        from trafficwatch.config import load_settings
+        from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
         from trafficwatch.serving import DataTestsFailed, audit
 
+        settings = None
         try:
-            return audit(load_settings())
+            settings = task_settings()
+            return audit(settings)
         except DataTestsFailed as error:  # the same data would fail the same way: no retry
-            raise AirflowFailException(failure("audit", error)) from None
+            raise AirflowFailException(failure("audit", error, settings)) from None
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
-            raise AirflowException(failure("audit", error)) from None
+            raise AirflowException(failure("audit", error, settings)) from None
 
     audit_lake_through_staging()
 
