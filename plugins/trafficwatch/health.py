@@ -11,9 +11,10 @@ pipeline-health dashboard reads the one file Superset reads:
   a refused raw object), with their reason.
 
 The tables are carried over from the previous serving file and trimmed to its window (serving days), so a
-publish reads only what the lake gained since: merge log and rejected rows from the files whose merge
-stamps reach past the newest one held minus a margin (merges may commit out of stamp order), quarantined
-objects listed and read only when new. Reading commands create nothing: a missing lake table reads empty.
+publish reads only what the lake gained since: the data files of the merge log and rejected_records that
+the previous file had not read (`health.lake_files` lists those it had: one new small file per merge, all of
+them again after a compaction, whose rows already held are not added twice), and the objects quarantined
+since the newest held minus a margin. Nothing is created: a missing lake table reads empty.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from trafficwatch.landing import QUARANTINE_PREFIX, RAW_PREFIX
 log = logging.getLogger(__name__)
 
 SCHEMA = "health"
-# As dbt's late_commit_margin_minutes: a merge commits within seconds of its stamp, two racing may commit
-# out of stamp order; rows are looked for from the newest stamp held minus this margin.
-LATE_COMMIT_MARGIN = timedelta(minutes=60)
+# S3's LastModified is the end of an upload that began earlier: quarantined objects are listed from the
+# newest held minus this margin (those already held are replaced, not added).
+QUARANTINE_MARGIN = timedelta(minutes=60)
+# The lake tables whose rows the health tables take, by the data files already read.
+LAKE_TABLES = (lake.MERGE_LOG, lake.REJECTED)
 SNAPSHOT_COLUMNS = (
     "source_key",
     "measured_at",
@@ -82,6 +85,9 @@ TABLES = {
         quarantined_at TIMESTAMPTZ NOT NULL,
         stage VARCHAR NOT NULL,
         reason VARCHAR""",
+    "lake_files": """
+        table_name VARCHAR NOT NULL,
+        file_name VARCHAR NOT NULL""",
 }
 # The column each table is trimmed on (rows older than the serving window go).
 TRIMMED_ON = {
@@ -115,6 +121,7 @@ class LakeHealth:
     snapshots: pl.DataFrame  # SNAPSHOTS_SCHEMA, from the merge log
     rejected: pl.DataFrame  # REJECTED_SCHEMA: rows of rejected_records counted per snapshot and reason
     quarantined: pl.DataFrame  # QUARANTINED_SCHEMA
+    files: dict[str, list[str]] | None = None  # the data files of LAKE_TABLES now (None: not read)
 
     @classmethod
     def empty(cls) -> LakeHealth:
@@ -122,26 +129,37 @@ class LakeHealth:
                    pl.DataFrame(schema=QUARANTINED_SCHEMA))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Horizon:
+    """What a serving file's health tables hold already: the data files read per lake table, and the
+    time from which to list quarantine/ (None: everything)."""
+
+    files: dict[str, frozenset[str]]
+    quarantined_since: datetime | None
+
+    @classmethod
+    def nothing(cls) -> Horizon:
+        return cls({}, None)
+
+
 # --------------------------------------------------------------------------- reading the lake
 
 
-def horizons(serving_db: Path) -> tuple[datetime | None, datetime | None]:
-    """The newest merge stamp and quarantine time the serving file's health tables hold, each minus the
-    margin: read the lake from there on (None: read everything)."""
+def horizon(serving_db: Path) -> Horizon:
+    """What the serving file at `serving_db` holds already (nothing if it has no health tables)."""
     if not serving_db.is_file():
-        return None, None
+        return Horizon.nothing()
     try:
         with duckdb.connect(str(serving_db), read_only=True) as con:
-            merged, quarantined = con.execute(
-                f"SELECT (SELECT max(merged_at) FROM {SCHEMA}.snapshots), "
-                f"(SELECT max(quarantined_at) FROM {SCHEMA}.quarantined_objects)"
-            ).fetchone()
+            files = con.execute(f"SELECT table_name, file_name FROM {SCHEMA}.lake_files").fetchall()
+            (quarantined,) = con.execute(f"SELECT max(quarantined_at) FROM {SCHEMA}.quarantined_objects").fetchone()
     except duckdb.Error:  # no health tables yet
-        return None, None
-    return (
-        merged.astimezone(UTC) - LATE_COMMIT_MARGIN if merged else None,
-        quarantined.astimezone(UTC) - LATE_COMMIT_MARGIN if quarantined else None,
-    )
+        return Horizon.nothing()
+    read: dict[str, set[str]] = {}
+    for table, name in files:
+        read.setdefault(table, set()).add(name)
+    since = quarantined.astimezone(UTC) - QUARANTINE_MARGIN if quarantined else None
+    return Horizon({table: frozenset(names) for table, names in read.items()}, since)
 
 
 def _open_existing(settings: Settings, name: str) -> DeltaTable | None:
@@ -151,21 +169,14 @@ def _open_existing(settings: Settings, name: str) -> DeltaTable | None:
         return None
 
 
-def _rows_since(settings: Settings, name: str, table: DeltaTable, column: str, since: datetime | None) -> pl.LazyFrame:
-    """The table's rows whose `column` is at or after `since`, reading only the files whose statistics say
-    they may hold some (all of them when a file has no statistics)."""
-    if since is None:
-        return lake.scan_table(table, lake.storage_options(settings))
-    actions = pl.DataFrame(table.get_add_actions(flatten=True))
-    newest = f"max.{column}"
-    if newest in actions.columns:
-        actions = actions.filter(pl.col(newest).is_null() | (pl.col(newest) >= since))
-    by_name = {uri.rsplit("/", 1)[-1]: uri for uri in table.file_uris()}
-    files = [by_name[path.rsplit("/", 1)[-1]] for path in actions["path"].to_list()]
-    if not files:
-        return lake.empty_frame(name).lazy()
-    frame = pl.scan_parquet(files, storage_options=lake.storage_options(settings))
-    return frame.filter(pl.col(column) >= since)
+def _new_rows(settings: Settings, name: str, table: DeltaTable, read: frozenset[str]) -> tuple[pl.LazyFrame, list[str]]:
+    """The rows of the table's data files not in `read`, and the names of all its data files now."""
+    uris = table.file_uris()
+    new = [uri for uri in uris if uri.rsplit("/", 1)[-1] not in read]
+    names = [uri.rsplit("/", 1)[-1] for uri in uris]
+    if not new:
+        return lake.empty_frame(name).lazy(), names
+    return pl.scan_parquet(new, storage_options=lake.storage_options(settings)), names
 
 
 def _quarantined_since(settings: Settings, s3: Any, since: datetime | None) -> pl.DataFrame:
@@ -183,29 +194,28 @@ def _quarantined_since(settings: Settings, s3: Any, since: datetime | None) -> p
     return pl.DataFrame(rows, schema=QUARANTINED_SCHEMA, orient="row")
 
 
-def read_lake_health(
-    settings: Settings, merged_since: datetime | None, quarantined_since: datetime | None, s3: Any = None
-) -> LakeHealth:
-    """The merge log rows, rejected rows (by snapshot and reason) and quarantined objects since the given
-    times (None: all)."""
+def read_lake_health(settings: Settings, held: Horizon, s3: Any = None) -> LakeHealth:
+    """The merge log rows, rejected rows (by snapshot and reason) and quarantined objects that a serving
+    file holding `held` does not hold yet."""
     empty = LakeHealth.empty()
-    snapshots, rejected = empty.snapshots, empty.rejected
+    snapshots, rejected, files = empty.snapshots, empty.rejected, {}
     if (merge_log := _open_existing(settings, lake.MERGE_LOG)) is not None:
-        snapshots = (
-            _rows_since(settings, lake.MERGE_LOG, merge_log, "merged_at", merged_since)
-            .select(SNAPSHOT_COLUMNS)
-            .collect()
+        frame, files[lake.MERGE_LOG] = _new_rows(
+            settings, lake.MERGE_LOG, merge_log, held.files.get(lake.MERGE_LOG, frozenset())
         )
+        snapshots = frame.select(SNAPSHOT_COLUMNS).collect()
     if (rejected_table := _open_existing(settings, lake.REJECTED)) is not None:
+        frame, files[lake.REJECTED] = _new_rows(
+            settings, lake.REJECTED, rejected_table, held.files.get(lake.REJECTED, frozenset())
+        )
         rejected = (
-            _rows_since(settings, lake.REJECTED, rejected_table, "rejected_at", merged_since)
-            .group_by("source_key", "measured_at", "rejected_at", "reason")
+            frame.group_by("source_key", "measured_at", "rejected_at", "reason")
             .agg(pl.len().alias("row_count"))
             .collect()
             .cast(REJECTED_SCHEMA)
         )
-    quarantined = _quarantined_since(settings, s3 or storage.s3_client(settings), quarantined_since)
-    return LakeHealth(snapshots, rejected, quarantined)
+    quarantined = _quarantined_since(settings, s3 or storage.s3_client(settings), held.quarantined_since)
+    return LakeHealth(snapshots, rejected, quarantined, files)
 
 
 # --------------------------------------------------------------------------- writing the serving file
@@ -227,7 +237,8 @@ def _ensure_tables(con: duckdb.DuckDBPyConnection, previous: Path | None) -> Non
         "CREATE OR REPLACE TEMP TABLE served_before (merged_at TIMESTAMPTZ, measured_at TIMESTAMPTZ, "
         "absorbed_at TIMESTAMPTZ)"
     )
-    missing = [name for name in TABLES if name not in _tables_of(con, "current_database()")]
+    held = _tables_of(con, "current_database()")
+    missing = [name for name in TABLES if name not in held]
     if not missing:
         return
     if previous is None or not previous.is_file():
@@ -269,17 +280,24 @@ def record(
     with duckdb.connect(str(path)) as con:
         con.execute("SET TimeZone = 'UTC'")
         _ensure_tables(con, previous)
-        # The merge log's keys are unique: a row read again (within the margin) is not added twice.
+        # A row read again (a compacted file) is not added twice: the merge log's keys are unique, and a
+        # key's rows all carry its merge's stamp (the bound only spares reading the older rows).
         con.register("found_snapshots", found.snapshots.to_arrow())
         con.execute(
             f"INSERT INTO {SCHEMA}.snapshots BY NAME SELECT f.*, f.record_count = 0 AS refused, NULL AS visible_at "
-            f"FROM found_snapshots AS f ANTI JOIN {SCHEMA}.snapshots AS s USING (source_key)"
+            f"FROM found_snapshots AS f ANTI JOIN (SELECT source_key FROM {SCHEMA}.snapshots "
+            "WHERE merged_at >= (SELECT min(merged_at) FROM found_snapshots)) USING (source_key)"
         )
         con.register("found_rejected", found.rejected.to_arrow())
         con.execute(
             f"INSERT INTO {SCHEMA}.rejected_rows BY NAME SELECT * FROM found_rejected AS f "
-            f"ANTI JOIN {SCHEMA}.rejected_rows AS r USING (source_key, reason)"
+            f"ANTI JOIN (SELECT source_key, reason FROM {SCHEMA}.rejected_rows "
+            "WHERE rejected_at >= (SELECT min(rejected_at) FROM found_rejected)) USING (source_key, reason)"
         )
+        if found.files is not None:
+            con.execute(f"DELETE FROM {SCHEMA}.lake_files")
+            for table, names in found.files.items():
+                con.execute(f"INSERT INTO {SCHEMA}.lake_files SELECT ?, unnest(?::VARCHAR[])", [table, names])
         con.register("found_quarantined", found.quarantined.to_arrow())
         con.execute(
             f"DELETE FROM {SCHEMA}.quarantined_objects WHERE object_key IN (SELECT object_key FROM found_quarantined)"
@@ -293,7 +311,7 @@ def record(
             "WHERE s.visible_at IS NULL AND a.merged_at = s.merged_at AND a.measured_at = s.measured_at",
             {"built_at": built_at},
         ).fetchone()
-        for name, column in TRIMMED_ON.items():
+        for name, column in TRIMMED_ON.items():  # lake_files is replaced, not trimmed
             con.execute(f"DELETE FROM {SCHEMA}.{name} WHERE {column} < ?", [cutoff])
         (latest_measured, latest_landed) = con.execute(
             f"SELECT max(measured_at), max(landed_at) FROM {SCHEMA}.snapshots WHERE visible_at IS NOT NULL"

@@ -643,7 +643,7 @@ def health_recorder(settings: Settings, config: ServingConfig, dbt_seconds: floa
     dashboards' data: a lake that cannot be read leaves the health tables as they were, with a warning.
     """
     try:
-        found = health.read_lake_health(settings, *health.horizons(config.serving_db))
+        found = health.read_lake_health(settings, health.horizon(config.serving_db))
     except Exception as error:  # reported in one line: the marts are published regardless
         log.warning("health: could not read the merge log, rejected rows or quarantine: %s", _one_line(str(error)))
         found = health.LakeHealth.empty()

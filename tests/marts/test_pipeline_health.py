@@ -107,10 +107,15 @@ def test_build_log_snapshots_rejects_and_quarantine_over_three_publishes(
 
     # A second build patches the file: the history is carried over, the new snapshot made visible.
     made.land({START + timedelta(minutes=6): dict.fromkeys(SEGMENTS, FREE)})
+    newest = raw_key(START + timedelta(minutes=6))
+    # Only the merge log file written since is read: the file lists what the previous publish read.
+    held = health.horizon(made.serving_db)
+    merge_log_files = lake.ensure_tables(s3_settings, [lake.MERGE_LOG])[lake.MERGE_LOG].file_uris()
+    assert len(held.files[lake.MERGE_LOG]) == len(merge_log_files) - 1
+    assert health.read_lake_health(s3_settings, held).snapshots["source_key"].to_list() == [newest]
     second = serving.build(s3_settings, made.config)
     assert not second.full_publish
     second_built = published_at(made.serving_db)
-    newest = raw_key(START + timedelta(minutes=6))
     snapshots = {row["source_key"]: row for row in read(made.serving_db, "snapshots").iter_rows(named=True)}
     assert set(snapshots) == {*good, poison_key, newest}
     assert snapshots[newest]["visible_at"] == second_built
