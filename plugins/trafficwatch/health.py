@@ -41,8 +41,6 @@ SCHEMA = "health"
 # S3's LastModified is the end of an upload that began earlier: quarantined objects are listed from the
 # newest held minus this margin (those already held are replaced, not added).
 QUARANTINE_MARGIN = timedelta(minutes=60)
-# The lake tables whose rows the health tables take, by the data files already read.
-LAKE_TABLES = (lake.MERGE_LOG, lake.REJECTED)
 SNAPSHOT_COLUMNS = (
     "source_key",
     "measured_at",
