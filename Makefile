@@ -71,7 +71,7 @@ stop: down ## the same as `make down`
 
 status: ## what runs, and where; the pipeline's lag (newest landed snapshot vs the serving file, pending merges)
 	@$(ENV) for s in s3 feed worker airflow superset; do $(TW) service status $$s || true; done; \
-	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
+	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / operator / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \
 	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"

@@ -4,9 +4,11 @@ Run by `make superset-bootstrap` with Superset's own Python (.venv-superset) and
 (scripts/env.sh). In one process (each `superset` command spends ~10 s importing Superset):
 
 1. migrate the metadata DB and sync the built-in roles: what `superset db upgrade` and `superset init` do;
-2. the read-only role TrafficViewer: the dashboards' datasets and the pages needed to view a dashboard,
-   nothing else (no SQL Lab, no Explore, no database, no editing);
-3. users `admin` (Admin) and `viewer` (TrafficViewer), passwords from the environment;
+2. the read-only role TrafficViewer: the traffic dashboards' datasets and the pages needed to view a
+   dashboard, nothing else (no SQL Lab, no Explore, no database, no editing); the read-only role
+   TrafficOperator: the same, plus the pipeline-health datasets (schema `health` of the serving file);
+3. users `admin` (Admin), `viewer` (TrafficViewer) and `operator` (TrafficOperator), passwords from the
+   environment;
 4. the bundle under superset/bundle/ zipped and imported with overwrite (same UUIDs every time), its
    database pointed at this machine's serving DuckDB.
 
@@ -32,9 +34,12 @@ BUNDLE = HERE / "bundle"
 BUNDLE_ROOT = "trafficwatch_dashboards"
 SERVING_URI_PLACEHOLDER = "duckdb:///TRAFFICWATCH_SERVING_DB"
 VIEWER_ROLE = "TrafficViewer"
-WEAK_PASSWORDS = {"admin", "viewer", "password", "changeme", "superset", "general"}
+OPERATOR_ROLE = "TrafficOperator"
+# Datasets over this schema of the serving file (pipeline health) are for operators, not viewers.
+OPERATOR_SCHEMA = "health"
+WEAK_PASSWORDS = {"admin", "viewer", "operator", "password", "changeme", "superset", "general"}
 
-# What a viewer needs to open a dashboard and use its filters; dataset access is added per dataset.
+# What a viewer (or an operator) needs to open a dashboard and use its filters; dataset access is added per dataset.
 VIEWER_PERMISSIONS = [
     ("can_read", "Dashboard"),
     ("can_read", "Chart"),
@@ -94,6 +99,15 @@ def bundle_uuids() -> dict[str, set[str]]:
     return uuids
 
 
+def operator_only_datasets() -> set[str]:
+    """UUIDs of the bundle's datasets over the serving file's OPERATOR_SCHEMA (pipeline health)."""
+    return {
+        str(dataset["uuid"])
+        for path in (BUNDLE / "datasets").glob("*.yaml")
+        if (dataset := yaml.safe_load(path.read_text())).get("schema") == OPERATOR_SCHEMA
+    }
+
+
 def required_password(name: str) -> str:
     password = os.environ.get(name, "")
     if len(password) < 12 or password.lower() in WEAK_PASSWORDS:
@@ -136,28 +150,28 @@ def import_bundle(serving_db: Path) -> None:
         log(f"note: {serving_db} does not exist yet: the dashboards show errors until the pipeline publishes it")
 
 
-def sync_viewer_role() -> None:
-    """TrafficViewer gets exactly VIEWER_PERMISSIONS plus access to the bundle's datasets."""
+def sync_role(role_name: str, dataset_uuids: set[str]) -> None:
+    """The role gets exactly VIEWER_PERMISSIONS plus access to the given datasets of the bundle."""
     from superset.connectors.sqla.models import SqlaTable
     from superset.extensions import db, security_manager
 
-    role = security_manager.find_role(VIEWER_ROLE) or security_manager.add_role(VIEWER_ROLE)
+    role = security_manager.find_role(role_name) or security_manager.add_role(role_name)
     wanted = []
     for permission, view in VIEWER_PERMISSIONS:
         pvm = security_manager.find_permission_view_menu(permission, view)
         if pvm is None:
             raise SystemExit(f"superset-bootstrap: permission {permission} on {view} is unknown to this Superset")
         wanted.append(pvm)
-    datasets = db.session.query(SqlaTable).filter(SqlaTable.uuid.in_(bundle_uuids()["datasets"])).all()
+    datasets = db.session.query(SqlaTable).filter(SqlaTable.uuid.in_(dataset_uuids)).all()
     for dataset in datasets:
         pvm = security_manager.find_permission_view_menu("datasource_access", dataset.perm)
         wanted.append(pvm or security_manager.add_permission_view_menu("datasource_access", dataset.perm))
     if {pvm.id for pvm in role.permissions} == {pvm.id for pvm in wanted}:
-        log(f"role {VIEWER_ROLE}: {len(wanted)} permissions, unchanged")
+        log(f"role {role_name}: {len(wanted)} permissions, unchanged")
         return
     role.permissions = wanted
     db.session.commit()
-    log(f"role {VIEWER_ROLE}: set to {len(wanted)} permissions ({len(datasets)} datasets)")
+    log(f"role {role_name}: set to {len(wanted)} permissions ({len(datasets)} datasets)")
 
 
 def sync_user(username: str, role_name: str, password: str) -> None:
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     admin_password = required_password("TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD")
     viewer_password = required_password("TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD")
+    operator_password = required_password("TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD")
     os.environ.setdefault("SUPERSET_CONFIG_PATH", str(HERE / "superset_config.py"))
     from superset.app import create_app
 
@@ -211,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         migrate()
         sync_user("admin", "Admin", admin_password)
         import_bundle(serving_db)
-        sync_viewer_role()
+        datasets, operator_only = bundle_uuids()["datasets"], operator_only_datasets()
+        sync_role(VIEWER_ROLE, datasets - operator_only)
+        sync_role(OPERATOR_ROLE, datasets)
         sync_user("viewer", VIEWER_ROLE, viewer_password)
+        sync_user("operator", OPERATOR_ROLE, operator_password)
     return 0
 
 

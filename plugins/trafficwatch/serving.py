@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +41,7 @@ from typing import Any
 
 import duckdb
 
+from trafficwatch import health
 from trafficwatch.config import REPO_ROOT, ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -610,12 +611,17 @@ def _patch_columns(con: duckdb.DuckDBPyConnection, mart: Mart) -> bool:
     return served_rows == source_rows
 
 
-def publish(config: ServingConfig, full: bool = False) -> Published:
+# Called with the new file (not yet published), the file it replaces and what was published into it.
+Recorder = Callable[[Path, Path, Published], None]
+
+
+def publish(config: ServingConfig, full: bool = False, record: Recorder | None = None) -> Published:
     """Publish the warehouse's marts to the serving file by atomic replace (under the build lock).
 
     The new file is the previous serving file patched with what changed (its cost follows the merged
     snapshots), or, when there is no usable previous file, when `full` is asked, once a day, or if a
-    patched mart does not match the warehouse, a whole copy of the marts.
+    patched mart does not match the warehouse, a whole copy of the marts. `record` then writes what else
+    the new file carries (the pipeline-health tables, `health_recorder`) before it replaces the old one.
     """
     target = config.serving_db
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -632,6 +638,8 @@ def publish(config: ServingConfig, full: bool = False) -> Published:
         if published is None:
             temporary.unlink(missing_ok=True)
             published = _publish_into(config, temporary, built_at, patch=False)
+        if record is not None:
+            record(temporary, target, published)
         _fsync(temporary)
         os.replace(temporary, target)
         _fsync(target.parent, directory=True)
@@ -730,6 +738,31 @@ def _build_lock(config: ServingConfig) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def health_recorder(settings: Settings, config: ServingConfig, dbt_seconds: float, started: float) -> Recorder:
+    """Reads what the lake gained since the serving file's health tables (`trafficwatch.health`), and
+    returns the recorder that writes them, with this build's row of the build log, into the new file.
+
+    `started`: when the publish began (time.perf_counter()). Health is the operator's view, not the
+    dashboards' data: a lake that cannot be read leaves the health tables as they were, with a warning.
+    """
+    try:
+        found = health.read_lake_health(settings, health.horizon(config.serving_db))
+    except Exception as error:  # reported in one line: the marts are published regardless
+        log.warning("health: could not read the merge log, rejected rows or quarantine: %s", _one_line(str(error)))
+        found = health.LakeHealth.empty()
+
+    def record(path: Path, previous: Path, published: Published) -> None:
+        build = {
+            "dbt_seconds": dbt_seconds,
+            "publish_seconds": time.perf_counter() - started,
+            "full_publish": published.full,
+            "serving_rows": sum(published.rows.values()),
+        }
+        health.record(path, previous, found, published.built_at, config.serving_days, build)
+
+    return record
+
+
 def build(settings: Settings, config: ServingConfig | None = None, full_refresh: bool = False) -> BuildResult:
     """dbt build, then publish the serving file if every model and data test passed.
 
@@ -741,7 +774,8 @@ def build(settings: Settings, config: ServingConfig | None = None, full_refresh:
         nodes = run_dbt(settings, config, full_refresh=full_refresh)
         dbt_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        published = publish(config, full=full_refresh)
+        record = health_recorder(settings, config, dbt_seconds, started)
+        published = publish(config, full=full_refresh, record=record)
         result = BuildResult(
             serving_db=config.serving_db,
             built_at=published.built_at,

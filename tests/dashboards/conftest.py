@@ -76,6 +76,7 @@ class SupersetInstance:
     env: dict[str, str]
     viewer_password: str
     admin_password: str
+    operator_password: str
 
     @property
     def metadata_db(self) -> Path:
@@ -111,6 +112,7 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
         "SUPERSET_SECRET_KEY": secrets.token_urlsafe(48),
         "TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD": secrets.token_urlsafe(18),
         "TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD": secrets.token_urlsafe(18),
+        "TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD": secrets.token_urlsafe(18),
     }
     saved = {
         name: os.environ.get(name) for name in (*settings, "TRAFFICWATCH_SUPERSET_PUBLIC", "SUPERSET_DATABASE_URI")
@@ -124,6 +126,7 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
         env=dict(os.environ),
         viewer_password=settings["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"],
         admin_password=settings["TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD"],
+        operator_password=settings["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"],
     )
     try:
         run_bootstrap(instance.env)

@@ -56,23 +56,40 @@ def test_reimporting_the_bundle_changes_nothing(superset: SupersetInstance, serv
     for name in SNAPSHOT_QUERIES:
         assert after[name] == before[name], f"{name} changed on re-import"
     decisions = [line for line in output.splitlines() if line.startswith("superset-bootstrap: ")]
-    assert any(
-        line.startswith("superset-bootstrap: role TrafficViewer:") and line.endswith("unchanged") for line in decisions
-    )
+    for role in ("TrafficViewer", "TrafficOperator"):
+        assert any(
+            line.startswith(f"superset-bootstrap: role {role}:") and line.endswith("unchanged") for line in decisions
+        )
     assert "superset-bootstrap: user admin: unchanged" in decisions
     assert "superset-bootstrap: user viewer: unchanged" in decisions
+    assert "superset-bootstrap: user operator: unchanged" in decisions
 
 
-def test_viewer_role_is_read_only(superset: SupersetInstance) -> None:
+def health_datasets() -> set[str]:
+    """The bundle's pipeline-health datasets (over the serving file's `health` schema): operators' only."""
+    return {
+        yaml.safe_load(path.read_text())["table_name"]
+        for path in (BUNDLE / "datasets").glob("*.yaml")
+        if yaml.safe_load(path.read_text())["schema"] == "health"
+    }
+
+
+def role_permissions(superset: SupersetInstance, role: str) -> list[tuple[str, str]]:
     with sqlite3.connect(superset.metadata_db) as con:
-        permissions = con.execute(
+        return con.execute(
             """SELECT p.name, v.name FROM ab_role AS r
                JOIN ab_permission_view_role AS pvr ON pvr.role_id = r.id
                JOIN ab_permission_view AS pv ON pv.id = pvr.permission_view_id
                JOIN ab_permission AS p ON p.id = pv.permission_id
                JOIN ab_view_menu AS v ON v.id = pv.view_menu_id
-               WHERE r.name = 'TrafficViewer'"""
+               WHERE r.name = ?""",
+            [role],
         ).fetchall()
+
+
+@pytest.mark.parametrize("role", ["TrafficViewer", "TrafficOperator"])
+def test_viewer_and_operator_roles_are_read_only(superset: SupersetInstance, role: str) -> None:
+    permissions = role_permissions(superset, role)
     views = {view for _, view in permissions}
     assert not {"SQLLab", "SQL Lab", "Database", "Dataset", "Explore"} & views
     # The only writes: the viewer's own filter state and share links.
@@ -81,4 +98,10 @@ def test_viewer_role_is_read_only(superset: SupersetInstance) -> None:
     }
     assert writes <= {"DashboardFilterStateRestApi", "DashboardPermalinkRestApi"}
     datasets = {view for permission, view in permissions if permission == "datasource_access"}
-    assert len(datasets) == len(bundle_uuids("datasets"))
+    health = health_datasets()
+    assert len(health) == 4
+    if role == "TrafficViewer":
+        assert len(datasets) == len(bundle_uuids("datasets")) - len(health)
+        assert not {view for view in datasets if any(f"[{name}]" in view for name in health)}
+    else:
+        assert len(datasets) == len(bundle_uuids("datasets"))

@@ -28,6 +28,7 @@ def environment(home: Path, **values: str | None) -> dict[str, str]:
         "SUPERSET_SECRET_KEY": secrets.token_urlsafe(48),
         "TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD": secrets.token_urlsafe(18),
         "TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD": secrets.token_urlsafe(18),
+        "TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD": secrets.token_urlsafe(18),
     }
     for name, value in values.items():
         if value is None:
