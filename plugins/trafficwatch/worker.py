@@ -14,7 +14,7 @@ same home and bucket, and otherwise do it in their own process. Either way the s
 (`lake.merge_pending`, `lake.pending_raw`, `serving.build`), and failures come back as the same exceptions.
 The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
 
-Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build", "home",
+Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist", "home",
 "bucket", "full_refresh"}`; answer `{"result", "log"}`, or `{"error", "failed_tests", "log"}`, or
 `{"mismatch"}` when the worker serves another home or bucket.
 """
@@ -120,6 +120,10 @@ class Worker:
         with self.lake_lock:
             return len(lake.pending_raw(self.settings, self.s3, self.tables.get(), self.raw))
 
+    def relist(self, request: dict[str, Any]) -> None:
+        """A full listing of raw/ now: objects put there out of order (older snapshots) become pending at once."""
+        self.raw.relist(self.s3, self.settings.bucket)
+
     def build(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.build_lock:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
@@ -128,7 +132,7 @@ class Worker:
         if (request.get("home"), request.get("bucket")) != (str(self.settings.home), self.settings.bucket):
             return {"mismatch": f"the worker serves home {self.settings.home} and bucket {self.settings.bucket}"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "merge": self.merge, "pending": self.pending, "build": self.build,
+            "merge": self.merge, "pending": self.pending, "build": self.build, "relist": self.relist,
         }  # fmt: skip
         operation = operations.get(str(request.get("op")))
         if operation is None:
@@ -229,6 +233,18 @@ def count_pending(settings: Settings) -> int:
     if "error" in answer:
         raise WorkerError(answer["error"])
     return int(answer["result"])
+
+
+def relist_raw(settings: Settings) -> bool:
+    """Have the worker list raw/ in full now, after older snapshots were put there (a backfill upload, the demo's
+    simulated history): its incremental listing only sees keys after the newest one, and its next full listing
+    may be RELIST_RAW_S away. False when no worker serves this home and bucket (a merge here lists it all)."""
+    answer = _ask(settings, "relist")
+    if answer is None:
+        return False
+    if "error" in answer:
+        raise WorkerError(answer["error"])
+    return True
 
 
 def build_marts(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
