@@ -11,7 +11,10 @@ second run lands only what is missing, and the merge is exactly-once anyway.
 
 After each day it asks the worker to list raw/ again: the worker otherwise sees only keys newer than the newest
 it knows (these are older) until its next full listing. `traffic_merge` then merges the day in one batch and
-`traffic_marts` builds it, the late-data path: both show it in the Airflow UI. Progress goes to
+`traffic_marts` builds it, the late-data path: both show it in the Airflow UI. Before landing a day it waits
+until the worker has no more than one day of snapshots pending (at most 10 minutes): the merge's batches stay
+about a day (a live snapshot waits at most one such merge) and the CPU goes to merging what is landed rather
+than to landing more. Progress goes to
 `$TRAFFICWATCH_HOME/demo-history.json`; `make status` prints it (`trafficwatch history status`).
 
 Demo tooling: nothing of the pipeline imports this module (the DAGs never do).
@@ -50,6 +53,7 @@ SERVICE = "history"
 # 3.4 GB for 14 days): the history's cost is CPU, on a machine that also runs the stack.
 GZIP_LEVEL = 1
 PROGRESS_EVERY = 48  # snapshots between two writes of the progress file
+BACKLOG_WAIT_S = 600.0  # longest wait for the merge before landing the next day anyway (the merge DAG paused?)
 NICE = 5  # `trafficwatch history seed` lowers its priority by this much: the live minute goes first
 
 
@@ -118,6 +122,7 @@ class Progress:
     finished_at: str | None = None
     seconds: float = 0.0
     worker_relists: int = 0
+    waited_s: float = 0.0  # waiting for the merge to take the previous day
     day_seconds: list[float] = field(default_factory=list)
 
     def line(self, running_pid: int | None) -> str:
@@ -188,6 +193,28 @@ def _ask_worker_to_relist(settings: Settings) -> bool:
         return False
 
 
+def _pending_in_worker(settings: Settings) -> int | None:
+    """Snapshots the worker (if one runs) sees pending; None without a worker, or when it cannot say."""
+    from trafficwatch import worker
+
+    try:
+        return worker.count_pending_in_worker(settings)
+    except worker.WorkerError as error:
+        log.warning("the worker did not count the pending snapshots: %s", error)
+        return None
+
+
+def _wait_for_the_merge(settings: Settings, most: int, pending: Callable[[Settings], int | None]) -> None:
+    """Wait until at most `most` snapshots are pending, or BACKLOG_WAIT_S passed, or nobody can say."""
+    deadline = time.monotonic() + BACKLOG_WAIT_S
+    while (count := pending(settings)) is not None and count > most:
+        if time.monotonic() > deadline:
+            log.warning("history: %d snapshots still pending after %.0f s: landing the next day anyway", count,
+                        BACKLOG_WAIT_S)  # fmt: skip
+            return
+        time.sleep(5)
+
+
 class _Lander:
     """Puts snapshots from a background thread (gzip and the upload release the GIL) while the next one is
     simulated; at most `depth` waiting."""
@@ -222,10 +249,11 @@ def seed(
     s3: Any = None,
     base: Path = DEFAULT_BASE,
     relist: Callable[[Settings], bool] = _ask_worker_to_relist,
+    pending: Callable[[Settings], int | None] = _pending_in_worker,
 ) -> Progress:
     """Land the simulated snapshots of the `days` days before `now` that raw/ does not hold yet, newest first;
-    after each day, `relist` (the worker lists raw/ again). Returns the progress, also written to
-    `demo-history.json` as it goes."""
+    after each day, `relist` (the worker lists raw/ again); before each, wait until `pending` says at most a
+    day of snapshots waits for the merge. Returns the progress, also written to `demo-history.json` as it goes."""
     plan = Plan.before(now or datetime.now(UTC), days, cadence)
     s3 = s3 or storage.s3_client(settings)
     started = time.monotonic()
@@ -253,11 +281,17 @@ def seed(
             for day in sorted({moment.date() for moment in times}):
                 landed_keys |= _landed_keys(s3, settings.bucket, day)
             landed_before = progress.snapshots_landed
+            waited = False
             for moment in times:
                 if landing.raw_key(moment) in landed_keys:
                     progress.snapshots_present += 1
                     progress.snapshots_done += 1
                     continue
+                if not waited and number:
+                    started_waiting = time.monotonic()
+                    _wait_for_the_merge(settings, plan.per_day, pending)
+                    progress.waited_s = round(progress.waited_s + time.monotonic() - started_waiting, 1)
+                    waited = True
                 if simulator is None:
                     simulator = Simulator(load_snapshot(base), seed, plan.end, cadence.total_seconds())
                 body = simulator.exports_body(moment)

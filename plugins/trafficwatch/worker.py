@@ -227,9 +227,18 @@ def merge_pending(settings: Settings) -> lake.MergeResult:
 
 def count_pending(settings: Settings) -> int:
     """How many landed snapshots wait to be merged: asked of the worker when one runs, else read here."""
+    pending = count_pending_in_worker(settings)
+    if pending is None:
+        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
+    return pending
+
+
+def count_pending_in_worker(settings: Settings) -> int | None:
+    """`count_pending` from the worker; None when no worker serves this home and bucket. It answers once any
+    merge it is running is done (they share the open tables)."""
     answer = _ask(settings, "pending")
     if answer is None:
-        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
+        return None
     if "error" in answer:
         raise WorkerError(answer["error"])
     return int(answer["result"])

@@ -3,6 +3,7 @@ byte) and the plausibility of the simulator's traffic over two weeks, computed f
 
 from __future__ import annotations
 
+import gzip
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -167,3 +168,39 @@ def test_per_segment_free_flow_speeds_are_stable_across_days(fortnight) -> None:
     assert len(both) > 300
     stable = [key for key in both if abs(p85(night_speeds[(key, 1)]) / p85(night_speeds[(key, 0)]) - 1) <= 0.05]
     assert len(stable) >= 0.95 * len(both)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeding (moto S3): idempotent, and paced by the merge
+
+
+def test_seeding_waits_for_the_merge_and_a_second_run_lands_nothing(s3, tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from tests.unit.conftest import BUCKET
+    from trafficwatch.config import load_settings
+
+    settings = replace(load_settings(), home=tmp_path, bucket=BUCKET)
+    monkeypatch.setattr(history.time, "sleep", lambda seconds: None)
+    counts = iter([9, 8, 4, 5, 4])  # what the worker says is pending before day 2, then before day 3
+    asked: list[int] = []
+    relisted: list[int] = []
+
+    def pending(_settings) -> int:
+        asked.append(next(counts))
+        return asked[-1]
+
+    now, cadence = datetime(2026, 11, 30, 12, 0, tzinfo=UTC), timedelta(hours=6)  # 4 snapshots a day
+    progress = history.seed(settings, 3, now=now, cadence=cadence, s3=s3, relist=relisted.append, pending=pending)
+    assert (progress.snapshots_landed, progress.days_done, len(relisted)) == (12, 3, 3)
+    assert asked == [9, 8, 4, 5, 4]  # day 2 waited until a day (4) at most was pending; day 3 likewise
+    keys = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
+    assert keys == sorted(raw_key(now - k * cadence) for k in range(1, 13))
+    stored = s3.get_object(Bucket=BUCKET, Key=keys[0])
+    assert stored["Metadata"]["source-url"].startswith("simulator seed 0")
+    assert normalize_payload(gzip.decompress(stored["Body"].read())).record_count == 2859
+
+    # Without a worker (pending says None) nothing waits; every key is there already: nothing lands.
+    again = history.seed(settings, 3, now=now, cadence=cadence, s3=s3, relist=relisted.append, pending=lambda _: None)
+    assert (again.snapshots_landed, again.snapshots_present, len(relisted)) == (0, 12, 3)
+    assert history.status_line(settings).startswith("history: done, 3 days")
