@@ -37,12 +37,14 @@ test: install superset-install browser-install lint ## all tests: unit (moto), i
 	rc=0; $(VENV)/bin/python -m pytest || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-demo: install ## run the whole stack offline against the local feed (simulated Rennes traffic)
+demo: install ## run the whole stack offline against the local feed (simulated Rennes traffic, with DEMO_HISTORY_DAYS of history)
 	$(ENV) $(TW) service start s3
 	$(ENV) TRAFFICWATCH_FEED_ARGS="$(DEMO_FEED_ARGS)" $(TW) service start feed
 	$(ENV) $(TW) service start worker
 	$(ENV) TRAFFICWATCH_API_URL=http://127.0.0.1:$$TRAFFICWATCH_FEED_PORT $(MAKE) --no-print-directory _airflow
 	$(MAKE) --no-print-directory superset-up
+	@# Simulated history in the background, once the live stack is up (0 days: none); `make status` shows it.
+	$(ENV) if [ "$${DEMO_HISTORY_DAYS:-14}" != 0 ]; then $(TW) service start history; fi
 	@$(MAKE) --no-print-directory status
 
 up: install ## run the whole stack against the live Rennes API (TRAFFICWATCH_S3=aws: on AWS S3, no local S3)
@@ -74,7 +76,8 @@ status: ## what runs, and where; the pipeline's lag (newest landed snapshot vs t
 	  echo "Superset:     http://127.0.0.1:$$TRAFFICWATCH_SUPERSET_PORT  (users viewer / operator / admin, passwords in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \
-	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"
+	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"; \
+	  $(TW) history status || true
 	@$(ENV) echo "Pipeline lag: (trafficwatch lag)"; $(TW) lag || true
 
 clean-data: stop ## delete the local data directory (.data/): lake, S3 objects, Airflow DB

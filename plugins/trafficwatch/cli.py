@@ -20,7 +20,7 @@ from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
-SERVICES = ("worker", "feed")
+SERVICES = ("worker", "feed", "history")
 _held: _HeldLog | None = None
 _stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's own lines (see _other_output_to)
 
@@ -185,6 +185,22 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_history(args: argparse.Namespace) -> int:
+    from trafficwatch import history
+
+    settings = load_settings()
+    if args.action == "status":
+        _say(history.status_line(settings))
+        return 0
+    days = history.days_from_env() if args.days is None else args.days
+    if days <= 0:
+        _say(f"history: nothing to seed ({history.DAYS_VARIABLE}=0)")
+        return 0
+    os.nice(history.NICE)  # background work: the live minute goes first
+    history.seed(settings, days, seed=args.seed)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from trafficwatch import serving
 
@@ -271,6 +287,8 @@ def _service(name: str) -> services.Service:
         return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
     if name == "superset":
         return services.superset(int(os.environ.get("TRAFFICWATCH_SUPERSET_PORT", "8088")), REPO_ROOT)
+    if name == "history":
+        return services.history(settings.bucket)
     raise ConfigError(f"unknown service {name!r}")
 
 
@@ -431,6 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     down.set_defaults(func=_cmd_down)
 
+    history = commands.add_parser(
+        "history",
+        help="demo: land simulated past snapshots under raw/ for the merge and build to take; or how far that got",
+        description="seed: land the local feed simulator's snapshots of the last --days days (default "
+        "DEMO_HISTORY_DAYS, else 14), one every 3 minutes, newest first, under raw/ as the ingest lands live ones; "
+        "keys already landed are left alone (a rerun lands only what is missing). After each day, the worker (if "
+        "running) lists raw/ again, so traffic_merge and traffic_marts take the day at once. Progress in "
+        "$TRAFFICWATCH_HOME/demo-history.json. status: one line saying how far it got. `make demo` runs it as "
+        "the service `history`.",
+    )
+    history.add_argument("action", choices=("seed", "status"))
+    history.add_argument("--days", type=int, help="days of history (default: DEMO_HISTORY_DAYS, else 14)")
+    history.add_argument("--seed", type=int, default=0, help="simulator seed: the demo feed's (default 0)")
+    history.set_defaults(func=_cmd_history)
+
     maintain = commands.add_parser(
         "maintain",
         help="compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)",
@@ -439,12 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = commands.add_parser(
         "service",
-        help="start, stop or check a local background service (s3, feed, worker, airflow, superset)",
+        help="start, stop or check a local background service (s3, feed, worker, airflow, superset, history)",
         description="Local services for offline runs, each in its own process group with its pid in "
         "$TRAFFICWATCH_HOME/run and its log in $TRAFFICWATCH_HOME/logs.",
     )
     service.add_argument("action", choices=("start", "stop", "status"))
-    service.add_argument("name", choices=("s3", "feed", "worker", "airflow", "superset"))
+    service.add_argument("name", choices=("s3", "feed", "worker", "airflow", "superset", "history"))
     service.set_defaults(func=_cmd_service)
     return parser
 

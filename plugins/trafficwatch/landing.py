@@ -101,20 +101,30 @@ def land(s3: Any, bucket: str, fetched: FetchedSnapshot) -> LandingResult:
         "record-count": str(fetched.record_count),
         "sha256": fetched.sha256,
     }
+    return put_raw(s3, bucket, snapshot.measured_at, fetched.payload, metadata)
+
+
+def put_raw(
+    s3: Any, bucket: str, measured_at: datetime, payload: bytes, metadata: dict[str, str], compresslevel: int = 6
+) -> LandingResult:
+    """Put a payload, gzipped, under the raw key of its snapshot time, with its lineage as metadata, unless
+    that key holds an object already (conditional put: nothing landed is ever overwritten)."""
+    key = raw_key(measured_at)
     try:
         s3.put_object(
             Bucket=bucket,
             Key=key,
-            Body=gzip.compress(fetched.payload, compresslevel=6, mtime=0),
+            Body=gzip.compress(payload, compresslevel=compresslevel, mtime=0),
             ContentType="application/gzip",
             Metadata=metadata,
             IfNoneMatch="*",
         )
     except botocore.exceptions.ClientError as exc:
         if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-            return LandingResult("unchanged", key, snapshot.measured_at)
+            return LandingResult("unchanged", key, measured_at)
         raise
-    return LandingResult("landed", key, snapshot.measured_at, fetched.record_count, fetched.sha256)
+    count = int(metadata["record-count"]) if "record-count" in metadata else None
+    return LandingResult("landed", key, measured_at, count, metadata.get("sha256"))
 
 
 def quarantine(

@@ -668,6 +668,7 @@ class LocalStack:
             TRAFFICWATCH_AIRFLOW_PORT=str(ports["AIRFLOW"]),
             TRAFFICWATCH_SUPERSET_PORT=str(ports["SUPERSET"]),
             DEMO_FEED_ARGS=feed_args,
+            DEMO_HISTORY_DAYS="0",  # no simulated history unless asked for: the stack's own figures stay comparable
         )
         env.update(extra_env or {})
         home.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Background services for local runs: the S3 server, the feed, the worker, Airflow and Superset.
+"""Background services for local runs: the S3 server, the feed, the worker, Airflow, Superset and the demo's
+simulated history.
 
 `make` starts and stops them through `trafficwatch service start|stop|status NAME`; the tests use the same
 functions with a temporary home. Each service runs in its own process group (Airflow standalone leaves
@@ -240,6 +241,13 @@ def worker(socket_path: Path) -> Service:
         return True
 
     return Service("worker", [venv_bin("trafficwatch"), "worker"], ready, f"unix:{socket_path}")
+
+
+def history(bucket: str) -> Service:
+    """`trafficwatch history seed`: the demo's simulated history landed under raw/ (history.py); it ends when
+    every day is landed."""
+    command = [venv_bin("trafficwatch"), "history", "seed"]
+    return Service("history", command, lambda: True, f"s3://{bucket}/raw/")
 
 
 def airflow(port: int) -> Service:

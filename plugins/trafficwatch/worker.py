@@ -20,7 +20,7 @@ request names the lake it means: home, bucket, S3 endpoint and access key id (no
 settings name another (a DAG task given other S3 credentials by its Airflow connection) gets a mismatch and
 does the work in its own process with its own credentials.
 
-Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build", "home",
+Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist", "home",
 "bucket", "s3_endpoint", "s3_access_key_id", "full_refresh"}`; answer `{"result", "log"}`, or
 `{"error", "failed_tests", "log"}`, or `{"mismatch"}` when the worker serves another lake or credentials.
 """
@@ -137,6 +137,10 @@ class Worker:
         with self.lake_lock:
             return len(lake.pending_raw(self.settings, self.s3, self.tables.get(), self.raw))
 
+    def relist(self, request: dict[str, Any]) -> None:
+        """A full listing of raw/ now: objects put there out of order (older snapshots) become pending at once."""
+        self.raw.relist(self.s3, self.settings.bucket)
+
     def build(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.build_lock:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
@@ -147,7 +151,7 @@ class Worker:
             where = f"home {own['home']} and bucket {own['bucket']} on S3 {own['s3_endpoint'] or 'AWS S3'}"
             return {"mismatch": f"the worker serves {where}, with its own keys"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "merge": self.merge, "pending": self.pending, "build": self.build,
+            "merge": self.merge, "pending": self.pending, "build": self.build, "relist": self.relist,
         }  # fmt: skip
         operation = operations.get(str(request.get("op")))
         if operation is None:
@@ -242,12 +246,33 @@ def merge_pending(settings: Settings) -> lake.MergeResult:
 
 def count_pending(settings: Settings) -> int:
     """How many landed snapshots wait to be merged: asked of the worker when one runs, else read here."""
+    pending = count_pending_in_worker(settings)
+    if pending is None:
+        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
+    return pending
+
+
+def count_pending_in_worker(settings: Settings) -> int | None:
+    """`count_pending` from the worker; None when no worker serves this home and bucket. It answers once any
+    merge it is running is done (they share the open tables)."""
     answer = _ask(settings, "pending")
     if answer is None:
-        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
+        return None
     if "error" in answer:
         raise WorkerError(answer["error"])
     return int(answer["result"])
+
+
+def relist_raw(settings: Settings) -> bool:
+    """Have the worker list raw/ in full now, after older snapshots were put there (a backfill upload, the demo's
+    simulated history): its incremental listing only sees keys after the newest one, and its next full listing
+    may be RELIST_RAW_S away. False when no worker serves this home and bucket (a merge here lists it all)."""
+    answer = _ask(settings, "relist")
+    if answer is None:
+        return False
+    if "error" in answer:
+        raise WorkerError(answer["error"])
+    return True
 
 
 def build_marts(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
