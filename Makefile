@@ -11,7 +11,7 @@ TW := $(VENV)/bin/trafficwatch
 # The demo feed publishes a new simulated snapshot every minute, in real time.
 DEMO_FEED_ARGS ?= --interval 60
 
-.PHONY: help install test lint demo up down stop status clean-data bench
+.PHONY: help install test test-demo screenshots lint demo up down stop status clean-data bench
 BENCH_ARGS ?=
 
 # Superset's own environment and bootstrap live beside its configuration.
@@ -36,6 +36,12 @@ lint: install ## ruff on the code
 test: install superset-install browser-install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
 	rc=0; $(VENV)/bin/python -m pytest || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+test-demo: install superset-install browser-install ## the demo's own test: make demo with its history, every chart with data within 10 min (~20 min)
+	TRAFFICWATCH_DEMO_TEST=1 $(VENV)/bin/python -m pytest -p no:cacheprovider tests/e2e/test_demo_history.py
+
+screenshots: install superset-install browser-install ## the README's dashboard images (docs/screenshots/), from the demo's test
+	TRAFFICWATCH_DEMO_TEST=1 TRAFFICWATCH_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(VENV)/bin/python -m pytest -p no:cacheprovider tests/e2e/test_demo_history.py
 
 demo: install ## run the whole stack offline against the local feed (simulated Rennes traffic, with DEMO_HISTORY_DAYS of history)
 	$(ENV) $(TW) service start s3

@@ -25,6 +25,8 @@ os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tw-airflow-")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(os.environ["AIRFLOW_HOME"], "plugins")  # none
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# Set before any thread starts, as the worker does: builds in this process then write no environment variable.
+os.environ["DO_NOT_TRACK"] = "1"
 # The `trafficwatch` commands the tests run take their settings from the tests alone, never from the checkout's
 # .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
 os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"

@@ -253,21 +253,27 @@ def ensure_extensions(directory: Path) -> None:
 @contextlib.contextmanager
 def _environment(values: dict[str, str | None]) -> Iterator[None]:
     """Set (or unset, for None) environment variables for the duration of the block: dbt reads its
-    profile and sources from the environment, and runs in this process."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
+    profile and sources from the environment, and runs in this process.
+
+    Only the variables whose value differs are written (and restored): setenv while another thread reads
+    the C environment (the Rust runtimes of delta-rs and polars resolving a host name) can crash the
+    process, and a worker builds with the same values every minute, so in steady state nothing is written.
+    """
+    changed = {name: value for name, value in values.items() if os.environ.get(name) != value}
+    saved = {name: os.environ.get(name) for name in changed}
+
+    def apply(assignments: dict[str, str | None]) -> None:
+        for name, value in assignments.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+    try:
+        apply(changed)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        apply(saved)
 
 
 def _dbt_environment(settings: Settings, config: ServingConfig) -> dict[str, str | None]:

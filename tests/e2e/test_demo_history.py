@@ -1,0 +1,147 @@
+"""A fresh `make demo` with its simulated history: within 10 minutes, every chart has data.
+
+`make demo` on a temporary home and free ports, with the default history (DEMO_HISTORY_DAYS, 14 days,
+seeded newest first in the background). From the moment `make demo` returns, headless Chromium looks at
+Trends as the viewer and at Pipeline health as the operator until every chart of both shows data (no
+"No results", something drawn), at most DEADLINE_S; meanwhile Live traffic must keep updating (the newest
+measurement the serving file shows moves on). The time each dashboard took is reported.
+
+Screenshots of the three dashboards go to test-artifacts/, and to TRAFFICWATCH_SCREENSHOTS_DIR when set:
+`make screenshots` makes the README's images this way (docs/screenshots/).
+
+About 20 minutes and the whole machine: run by `make test-demo` (and `make screenshots`), not by
+`make test`, which starts the stack once already (tests/e2e/test_stack.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import REPO
+from tests.dashboards.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.dashboards.test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in
+from trafficwatch import operate
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(3600),
+    pytest.mark.skipif(
+        os.environ.get("TRAFFICWATCH_DEMO_TEST") != "1", reason="the demo's own test: `make test-demo` runs it"
+    ),
+]
+
+DEADLINE_S = 600
+LIVE_WAIT_S = 300  # for the next live minute to be shown (the feed's minute, its merge and build)
+HISTORY_DAYS = "14"  # make demo's default
+DASHBOARDS = REPO / "superset" / "bundle" / "dashboards"
+EMPTY = "No results were returned for this query"
+# The charts of a settled dashboard that show no data, by name.
+DRAWN = '[data-test="chart-container"] :is(canvas, svg, table tbody tr, .header-line)'
+EMPTY_CHARTS = f"""() => Array.from(document.querySelectorAll('[data-test-chart-id]'))
+  .filter(chart => chart.innerText.includes('{EMPTY}') || !chart.querySelector('{DRAWN}'))
+  .map(chart => chart.getAttribute('data-test-chart-name'))"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operate.LocalStack]:
+    home = tmp_path_factory.mktemp("demo-history")
+    stack = operate.LocalStack.on_free_ports(home, extra_env={"DEMO_HISTORY_DAYS": HISTORY_DAYS})
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 2400},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def newest_shown(stack: operate.LocalStack) -> datetime | None:
+    shown, _ = operate.served_latest(stack.serving_db)
+    return shown
+
+
+def wait_for_data(page, url: str, dashboard: str, deadline: float) -> list[str]:
+    """Open the dashboard until every chart shows data or the deadline passes; the charts still empty."""
+    expected = chart_count(DASHBOARDS / f"{dashboard}.yaml")
+    while True:
+        page.goto(url)
+        page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=300_000, polling=1000)
+        assert page.evaluate(CHART_ERRORS) == [], dashboard
+        empty = page.evaluate(EMPTY_CHARTS)
+        if not empty or time.monotonic() > deadline:
+            return empty
+        time.sleep(20)
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"demo_{name}.png"
+    page.screenshot(path=str(path), full_page=True, timeout=180_000)
+    if target := os.environ.get("TRAFFICWATCH_SCREENSHOTS_DIR"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(target) / f"{name}.png")
+
+
+def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
+    stack: operate.LocalStack, chromium, e2e_report: list[str]
+) -> None:
+    started = time.monotonic()
+    deadline = started + DEADLINE_S
+    environment = stack.environment()
+    superset = SimpleNamespace(url=stack.superset_url)
+
+    viewer = log_in(chromium, superset, "viewer", environment["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"])
+    empty = wait_for_data(viewer, f"{stack.superset_url}/superset/dashboard/trends/", "trends", deadline)
+    trends_s = time.monotonic() - started
+    assert empty == [], f"Trends charts without data {DEADLINE_S} s after make demo: {empty}"
+    screenshot(viewer, "trends")
+    viewer.close()
+    first_shown = newest_shown(stack)
+
+    chromium.clear_cookies()
+    operator = log_in(chromium, superset, "operator", environment["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"])
+    url = f"{stack.superset_url}/superset/dashboard/pipeline-health/"
+    empty = wait_for_data(operator, url, "pipeline_health", deadline)
+    health_s = time.monotonic() - started
+    assert empty == [], f"Pipeline health charts without data {DEADLINE_S} s after make demo: {empty}"
+    screenshot(operator, "pipeline_health")
+
+    empty = wait_for_data(operator, f"{stack.superset_url}/superset/dashboard/live-traffic/", "live_traffic", deadline)
+    assert empty == [], f"Live traffic charts without data: {empty}"
+    screenshot(operator, "live_traffic")
+    operator.close()
+
+    # The live minute keeps flowing while the history is merged and built: a newer minute is shown soon.
+    last_shown, waited = newest_shown(stack), time.monotonic()
+    while last_shown == first_shown and time.monotonic() - waited < LIVE_WAIT_S:
+        time.sleep(10)
+        last_shown = newest_shown(stack)
+    assert first_shown is not None and last_shown is not None and last_shown > first_shown
+    e2e_report.append(
+        f"demo with {HISTORY_DAYS} days of history: Trends with data {trends_s:.0f} s, Pipeline health "
+        f"{health_s:.0f} s after make demo returned; live data shown moved from {first_shown} to {last_shown}"
+    )
