@@ -8,7 +8,8 @@ snapshot and merges each exactly once), so they run here, once an hour, instead 
 
 A failure names the failing tests in one line, is not retried (the same data fails the same way) and
 needs an operator: the lake holds rows the merge should have refused. Same function as
-`trafficwatch audit`; it waits for a running build (one writer on the warehouse) and holds the next.
+`trafficwatch audit`; it waits for a running build (one writer on the warehouse) and holds the next. Skipped
+until the marts have been built once (a new home).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 
 @dag(
@@ -38,11 +39,14 @@ def marts_audit() -> None:
         settings = None
         try:
             settings = task_settings()
-            return audit(settings)
+            counts = audit(settings)
         except DataTestsFailed as error:  # the same data would fail the same way: no retry
             raise AirflowFailException(failure("audit", error, settings)) from None
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
             raise AirflowException(failure("audit", error, settings)) from None
+        if not counts["data tests"]:
+            raise AirflowSkipException("nothing to audit: the marts have not been built yet")
+        return counts
 
     audit_lake_through_staging()
 

@@ -222,7 +222,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(_LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
         counts = serving.audit(load_settings())
-    _say(f"audit passed: {counts['data tests']} data tests")
+    tests = counts["data tests"]
+    _say(f"audit passed: {tests} data tests" if tests else "nothing to audit: the marts have not been built yet")
     return 0
 
 
