@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import REPO
-from tests.dashboards.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.dashboards.conftest import browser  # noqa: F401  the dashboards' headless Chromium, as a fixture here
 from tests.dashboards.test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in
 from trafficwatch import operate
 
@@ -61,24 +61,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operate.LocalSta
         stack.down()
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 2400},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
-
-
 def newest_shown(stack: operate.LocalStack) -> datetime | None:
     shown, _ = operate.served_latest(stack.serving_db)
     return shown
@@ -107,14 +89,16 @@ def screenshot(page, name: str) -> None:
 
 
 def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
-    stack: operate.LocalStack, chromium, e2e_report: list[str]
+    stack: operate.LocalStack,
+    browser,  # noqa: F811  (the fixture imported above)
+    e2e_report: list[str],
 ) -> None:
     started = time.monotonic()
     deadline = started + DEADLINE_S
     environment = stack.environment()
     superset = SimpleNamespace(url=stack.superset_url)
 
-    viewer = log_in(chromium, superset, "viewer", environment["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"])
+    viewer = log_in(browser, superset, "viewer", environment["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"])
     empty = wait_for_data(viewer, f"{stack.superset_url}/superset/dashboard/trends/", "trends", deadline)
     trends_s = time.monotonic() - started
     assert empty == [], f"Trends charts without data {DEADLINE_S} s after make demo: {empty}"
@@ -122,8 +106,8 @@ def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
     viewer.close()
     first_shown = newest_shown(stack)
 
-    chromium.clear_cookies()
-    operator = log_in(chromium, superset, "operator", environment["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"])
+    browser.clear_cookies()
+    operator = log_in(browser, superset, "operator", environment["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"])
     url = f"{stack.superset_url}/superset/dashboard/pipeline-health/"
     empty = wait_for_data(operator, url, "pipeline_health", deadline)
     health_s = time.monotonic() - started
