@@ -54,6 +54,11 @@ export AIRFLOW__CORE__DAGS_FOLDER="$_repo/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$AIRFLOW_HOME/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
+# A task process parses its DAG file before it runs. On 2 busy cores (a merge of a day of history next to
+# it), that parse passed the default 30 s: the task was put back to UP_FOR_RESCHEDULE and the build waited a
+# minute. The limit is there to catch a DAG file that hangs, and 120 s still catches one.
+export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT="${AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT:-120}"
+export AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT="${AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT:-180}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
 export AIRFLOW__API__PORT="$TRAFFICWATCH_AIRFLOW_PORT"

@@ -17,7 +17,7 @@ import yaml
 from playwright.sync_api import BrowserContext
 
 from .conftest import REPO, SupersetInstance
-from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in
+from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in, screenshot_dashboard
 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 
@@ -111,8 +111,7 @@ def test_operator_sees_every_health_chart_with_data_and_the_viewer_is_refused(
         assert EMPTY not in chart.inner_text(), f"{name}: no data"
         drawn = chart.locator('[data-test="chart-container"] :is(canvas, svg, table tbody tr)')
         assert drawn.count() > 0, f"{name}: nothing drawn"
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "pipeline_health.png"), full_page=True, timeout=180_000)
+    screenshot_dashboard(page, ARTIFACTS / "pipeline_health.png", expected)
     assert console_errors == []
     page.close()
 

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import BrowserContext
 
 from .conftest import REPO, SupersetInstance
-from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in
+from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in, screenshot_dashboard
 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 
@@ -66,6 +66,6 @@ def test_viewer_sees_the_reliability_views_with_data(
     rows = page.locator('[data-test-chart-name="Longest congestion episodes, last 7 days"] tbody tr')
     assert rows.count() > 0
 
-    page.screenshot(path=str(ARTIFACTS / "trends.png"), full_page=True, timeout=180_000)
+    screenshot_dashboard(page, ARTIFACTS / "trends.png", expected)
     assert console_errors == []
     page.close()
