@@ -1,13 +1,14 @@
 """
 ### Marts audit: the data tests a minute's build leaves out, every hour
 
-A build after every merge runs the data tests that guard what it wrote. The tests of the staging models
-check the lake itself over its last two days: one row per segment and snapshot, only known traffic
-statuses, one version in force per road segment. The merge already guarantees those (it validates every
-snapshot and merges each exactly once), so they run here, once an hour, instead of in every build.
+A build after every merge runs one data test, the guard (`dbt_project/tests/guard_built_rows.sql`): the
+models' rules (keys, required columns, accepted values) on the rows that build rebuilt, in one query.
+Here, once an hour, every model's YAML data tests check the same rules over whole tables, and the tests of
+the staging models check the lake itself over its last two days: one row per segment and snapshot, only
+known traffic statuses, one version in force per road segment (the merge guarantees those).
 
 A failure names the failing tests in one line, is not retried (the same data fails the same way) and
-needs an operator: the lake holds rows the merge should have refused. Same function as
+needs an operator. Same function as
 `trafficwatch audit`; it waits for a running build (one writer on the warehouse) and holds the next. Skipped
 until the marts have been built once (a new home).
 """

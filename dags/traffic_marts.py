@@ -6,11 +6,12 @@ arrive while a run is going are served together by the next run.
 
 One `dbt build` (dbt-duckdb, project `dbt_project/`) reads the Delta tables in place and builds the
 speed and travel-time marts into the warehouse DuckDB (`$TRAFFICWATCH_HOME/warehouse/traffic.duckdb`),
-each model followed by its data tests. Large marts are incremental: a build's cost follows the new data,
+then one data test, the guard, over the rows it rebuilt (the models' YAML tests run hourly in
+`marts_audit`). Large marts are incremental: a build's cost follows the new data,
 not the history. Then the marts are published to the serving file (`$TRAFFICWATCH_HOME/serving/traffic.duckdb`)
 by atomic replace, so a dashboard never sees a lock error or a half-built state.
 
-If a data test fails, nothing is published (the dashboards keep the previous file), the task fails with
+If the guard fails, nothing is published (the dashboards keep the previous file), the task fails with
 the failing tests named in one line, and it is not retried: the same data would fail the same way. The
 dbt log above that line shows each test's result. Other errors are retried once. Same function as
 `trafficwatch build`: when the worker service runs (`make demo` and `make up` start it), the build runs

@@ -1,5 +1,6 @@
 """The lake's own guarantees, checked through the staging models' data tests: by the hourly audit
-(`serving.audit`, the marts_audit DAG, `trafficwatch audit`), not by every minute's build."""
+(`serving.audit`, the marts_audit DAG, `trafficwatch audit`, which runs every model's YAML data tests over
+whole tables), not by every minute's build (which runs the one guard test over the rows it rebuilt)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def test_a_duplicate_in_the_lake_fails_the_audit_not_the_minute_build(s3_setting
     land_raw(s3_settings, body)
     lake.merge_pending(s3_settings)
     built = serving.build(s3_settings, config)
-    staging_tests = serving.audit(s3_settings, config)["data tests"]
-    assert staging_tests >= 3
+    audited = serving.audit(s3_settings, config)["data tests"]
+    assert audited >= 40  # the staging models' and every other model's YAML tests
+    assert built.nodes["data tests"] == 1  # the guard
 
     # Rows the merge would never write: the snapshot's rows again, under their own merge stamp.
     table = lake.ensure_tables(s3_settings, [lake.OBSERVATIONS])[lake.OBSERVATIONS]

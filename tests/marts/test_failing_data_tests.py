@@ -1,8 +1,8 @@
 """A failing data test stops the publish, names the test, and fails the Airflow task without retrying.
 
-The warehouse is damaged on purpose (a segment's latest observation duplicated), which the `unique`
-test of int_segment_last_observation must catch on the next build (with no new snapshot, which would
-replace that segment's rows and repair it).
+The warehouse is damaged on purpose (a segment's latest observation duplicated), which the minute's guard
+test (dbt_project/tests/guard_built_rows.sql) must catch on the next build, naming the model and the rule
+(with no new snapshot, which would replace that segment's rows and repair it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from trafficwatch import lake, serving
 
 pytestmark = pytest.mark.integration
 
-FAILING_TEST = "unique_int_segment_last_observation_segment_key"
+FAILING_TEST = serving.GUARD_TEST
+FINDING = "int_segment_last_observation: duplicate segment_key (2 rows)"
 # trafficwatch.assets reads the bucket when first imported; imported above, at collection, its assets keep
 # the default bucket instead of a test's, which the DAG integrity test checks whatever the test order.
 
@@ -49,6 +50,7 @@ def test_a_failing_data_test_names_itself_and_nothing_is_published(s3_settings, 
     message = str(failure.value)
     assert "\n" not in message
     assert FAILING_TEST in message and "not published" in message
+    assert FINDING in message
     assert _built_at(config) == published  # the dashboards keep the previous file
 
 
@@ -72,4 +74,4 @@ def test_marts_dag_publishes_then_fails_without_retry_on_a_failing_test(
     assert (second.state, task.state) == ("failed", "failed")  # failed, not up_for_retry
     assert _built_at(config) == published
     log = capfd.readouterr()
-    assert FAILING_TEST in log.out + log.err
+    assert FAILING_TEST in log.out + log.err and FINDING in log.out + log.err

@@ -22,12 +22,20 @@
 {%- set gap = "interval '" ~ var('episode_gap_minutes') ~ " minutes'" %}
 {%- set spans = changed_spans('bucket') %}
 {%- if spans is not none %}
+    {#- Literal bounds on the stored spells that may be near a change: zone maps then skip the rest of
+        the table (the join conditions alone scan it all). -#}
+    {%- if spans | length == 0 %}
+        {%- set near_changes = 'false' %}
+    {%- else %}
+        {%- set near_changes = 's.last_at >= ' ~ spans[0].start ~ ' - ' ~ gap ~ ' and s.first_at < '
+            ~ spans[-1].end ~ ' + ' ~ gap %}
+    {%- endif %}
     {%- set query -%}
         select
             strftime(min(s.first_at) at time zone 'UTC', '%Y-%m-%d %H:%M:%S.%f'),
             strftime((max(s.last_at) + interval 1 microsecond) at time zone 'UTC', '%Y-%m-%d %H:%M:%S.%f')
         from {{ this }} as s
-        where exists (
+        where {{ near_changes }} and exists (
             select 1 from {{ ref('int_lake_changes') }} as c where c.measured_at between s.first_at and s.last_at
         )
     {%- endset -%}
@@ -64,6 +72,7 @@ near as (
     from {{ this }} as s
     inner join changes as c
         on c.measured_at between s.first_at - {{ gap }} and s.last_at + {{ gap }}
+    where {{ near_changes }}
     group by all
 ),
 
