@@ -65,6 +65,7 @@ class Mart:
     `stable`: for a mart whose every row changes each minute but some wide columns seldom do (a segment's
     geometry), the unique `key` and those columns: the other columns are updated in place and only rows
     whose stable columns changed are rewritten, so the file's checkpoint does not write them again.
+    `days`: a shorter window than the serving file's for this mart (its `keep` then cuts there).
     """
 
     name: str
@@ -73,8 +74,10 @@ class Mart:
     typical: bool = False
     key: str | None = None
     stable: tuple[str, ...] = ()
+    days: int | None = None
 
 
+SEGMENT_DETAIL_DAYS = 7
 TOUCHED_BUCKETS = "SELECT DISTINCT time_bucket(INTERVAL 15 MINUTE, measured_at) FROM touched"
 TOUCHED_HOURS = "SELECT DISTINCT time_bucket(INTERVAL 1 HOUR, measured_at) FROM touched"
 # What the dashboards read, in the serving file's `main` schema.
@@ -85,7 +88,15 @@ MARTS = (
     Mart("segment_free_flow"),
     Mart("road_reliability_daily", keep="local_date > CAST($cutoff AS DATE)"),
     Mart("network_congestion_hourly", keep="hour_start > $cutoff"),
-    Mart("segment_traffic_15min", keep="bucket_start > $cutoff", changed=f"bucket_start IN ({TOUCHED_BUCKETS})"),
+    # No dashboard reads the per-segment buckets (the road marts carry them to the charts), yet over 30 days
+    # they were 85 % of the file that every publish copies and syncs: the last week is served (the
+    # warehouse keeps them all).
+    Mart(
+        "segment_traffic_15min",
+        keep="bucket_start > $cutoff",
+        changed=f"bucket_start IN ({TOUCHED_BUCKETS})",
+        days=SEGMENT_DETAIL_DAYS,
+    ),
     Mart(
         "road_traffic_15min",
         keep="bucket_start > $cutoff",
@@ -109,7 +120,7 @@ TYPICAL_COLUMNS = {
 PROFILE_KEY = ("road_name", "direction", "day_of_week", "hour_of_day")
 LAKE_STATE = "lake_merges_absorbed"  # the merges the marts hold (dbt_project/macros/lake_changes.sql)
 VIEWS_STATE = "dbt_views_built_for"  # the project fingerprint the warehouse's views were built from (run_dbt)
-PUBLISH_FORMAT = 2
+PUBLISH_FORMAT = 3
 # A patched file keeps deleted rows' space until a whole copy rewrites it: one whole copy a day.
 FULL_PUBLISH_EVERY = timedelta(hours=24)
 
@@ -540,6 +551,12 @@ def _reusable(con: duckdb.DuckDBPyConnection, config: ServingConfig, built_at: d
     return None
 
 
+def mart_cutoff(mart: Mart, newest: datetime, serving_days: int) -> datetime:
+    """The start of a mart's window in the serving file: `serving_days` before the newest measurement, or
+    the mart's own shorter `days`."""
+    return newest - timedelta(days=min(serving_days, mart.days or serving_days))
+
+
 def _copy(con: duckdb.DuckDBPyConnection, mart: Mart, cutoff: datetime) -> None:
     keep = f"WHERE {mart.keep}" if mart.keep else ""
     con.execute(f"DROP TABLE IF EXISTS serving.main.{mart.name}")
@@ -698,7 +715,6 @@ def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: 
             log.info("publishing a whole copy: the previous serving file cannot be patched, %s", reason)
             return None
         (latest,) = con.execute(f"SELECT max(measured_at) FROM {WAREHOUSE_NAME}.main.segment_latest").fetchone()
-        cutoff = (latest or built_at) - timedelta(days=config.serving_days)
         con.execute("BEGIN")
         if patch:
             _touched(con)
@@ -708,6 +724,7 @@ def _publish_into(config: ServingConfig, path: Path, built_at: datetime, patch: 
             moments = [moment for moment in (earliest, served_latest) if moment is not None]
             since = (min(moments) if moments else built_at) - episode_gap() - timedelta(minutes=1)
         for mart in MARTS:
+            cutoff = mart_cutoff(mart, latest or built_at, config.serving_days)
             if patch and (mart.changed or mart.stable):
                 patched = _patch(con, mart, cutoff, since) if mart.changed else _patch_columns(con, mart)
                 if not patched:
