@@ -161,7 +161,9 @@ def test_a_publish_with_the_lake_unreadable_keeps_the_health_history(
     made.build()
     before = read(made.serving_db, "snapshots")
     broken = replace(s3_settings, bucket="tw-no-such-bucket")
-    recorder = serving.health_recorder(broken, made.config, dbt_seconds=1.5, started=0.0)
+    recorder = serving.health_recorder(
+        lambda: serving.read_lake_health(broken, made.config), made.config, dbt_seconds=1.5, started=0.0
+    )
     serving.publish(made.config, full=True, record=recorder)
     assert read(made.serving_db, "snapshots").equals(before, null_equal=True)
     assert read(made.serving_db, "build_log")["dbt_seconds"].to_list()[-1] == 1.5
