@@ -4,8 +4,9 @@ with 30 days of history in the lake.
 What is measured (figures only: nothing here asserts a time)
 -------------------------------------------------------------
 A cycle is what the `traffic_marts` DAG task does after a merge: `serving.build(settings)`, i.e. one
-`dbt build` (17 table and incremental models; the 9 views only when the project changed; 36 data tests, the 4 of
-the staging models being left to the hourly audit) into the warehouse DuckDB, then the publish of the serving DuckDB
+`dbt build` (17 table and incremental models; the 9 views only when the project changed; one data test, the guard
+over the rows the build rebuilt, the models' YAML tests being left to the hourly audit) into the warehouse DuckDB,
+then the publish of the serving DuckDB
 by atomic replace. Before each cycle, one new snapshot (2,859 records) is merged into the lake (not
 timed). Two series, each giving a median:
 

@@ -78,7 +78,7 @@ class Mart:
     days: int | None = None
 
 
-SEGMENT_DETAIL_DAYS = 7
+DETAIL_DAYS = 7  # days of 15-minute marts in the serving file (at most)
 TOUCHED_BUCKETS = "SELECT DISTINCT time_bucket(INTERVAL 15 MINUTE, measured_at) FROM touched"
 TOUCHED_HOURS = "SELECT DISTINCT time_bucket(INTERVAL 1 HOUR, measured_at) FROM touched"
 # What the dashboards read, in the serving file's `main` schema.
@@ -89,20 +89,21 @@ MARTS = (
     Mart("segment_free_flow"),
     Mart("road_reliability_daily", keep="local_date > CAST($cutoff AS DATE)"),
     Mart("network_congestion_hourly", keep="hour_start > $cutoff"),
-    # No dashboard reads the per-segment buckets (the road marts carry them to the charts), yet over 30 days
-    # they were 85 % of the file that every publish copies and syncs: the last week is served (the
-    # warehouse keeps them all).
+    # The 15-minute marts are the recent detail: the dashboards read the last 24 hours of the road buckets
+    # and none of the segments' (over 30 days these two were 90 % of the file every publish copies and
+    # syncs). The serving file keeps their last week; hourly and daily marts keep the whole window.
     Mart(
         "segment_traffic_15min",
         keep="bucket_start > $cutoff",
         changed=f"bucket_start IN ({TOUCHED_BUCKETS})",
-        days=SEGMENT_DETAIL_DAYS,
+        days=DETAIL_DAYS,
     ),
     Mart(
         "road_traffic_15min",
         keep="bucket_start > $cutoff",
         changed=f"bucket_start IN ({TOUCHED_BUCKETS})",
         typical=True,
+        days=DETAIL_DAYS,
     ),
     Mart("road_traffic_hourly", changed=f"hour_start IN ({TOUCHED_HOURS})", typical=True),
     Mart(

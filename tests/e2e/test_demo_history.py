@@ -140,7 +140,7 @@ def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
     trends_s = time.monotonic() - started
     assert empty == [], f"Trends charts without data {DEADLINE_S} s after make demo: {empty}"
     at_deadline = wait_for_history(stack, int(HISTORY_DAYS), deadline)
-    if os.environ.get("TRAFFICWATCH_SCREENSHOTS_DIR"):  # the README's pictures show the whole history
+    if os.environ.get("TRAFFICWATCH_SCREENSHOTS_DIR"):  # the README's pictures show a week of history
         wait_for_history(stack, SCREENSHOT_PAST_DAYS, started + SCREENSHOT_WAIT_S)
         wait_for_data(viewer, f"{stack.superset_url}/superset/dashboard/trends/", "trends", deadline)
     screenshot(viewer, "trends", "trends")
