@@ -11,27 +11,30 @@
 {% macro guard_checks(checks) -%}
     {%- set queries = [] -%}
     {%- for check in checks -%}
-        {%- set relation = ref(check.model) -%}
-        {%- set rows = check.get('rows') or 'true' -%}
+        {#- Each model's rows are read once (a materialized CTE): a view such as congestion_events is
+            evaluated once for all its checks. -#}
+        {%- set problems = [] -%}
         {%- if check.get('key') -%}
-            {%- do queries.append(
-                "select '" ~ check.model ~ "' as model, 'duplicate " ~ check.key | join(', ') ~ "' as problem, "
-                ~ "cast(coalesce(sum(n), 0) as bigint) as failing_rows from (select count(*) as n from "
-                ~ relation ~ " where " ~ rows ~ " group by " ~ check.key | join(', ') ~ " having count(*) > 1)"
+            {%- do problems.append(
+                "select 'duplicate " ~ check.key | join(', ') ~ "' as problem, cast(coalesce(sum(n), 0) as bigint) "
+                ~ "as failing_rows from (select count(*) as n from checked group by " ~ check.key | join(', ')
+                ~ " having count(*) > 1)"
             ) -%}
         {%- endif -%}
         {%- for column in check.get('not_null', []) -%}
-            {%- do queries.append(
-                "select '" ~ check.model ~ "', 'null " ~ column ~ "', count(*) from " ~ relation
-                ~ " where (" ~ rows ~ ") and " ~ column ~ " is null"
-            ) -%}
+            {%- do problems.append("select 'null " ~ column ~ "', count(*) from checked where " ~ column ~ " is null") -%}
         {%- endfor -%}
         {%- for column, values in check.get('accepted', {}).items() -%}
-            {%- do queries.append(
-                "select '" ~ check.model ~ "', '" ~ column ~ " not in the accepted values', count(*) from "
-                ~ relation ~ " where (" ~ rows ~ ") and " ~ column ~ " not in (" ~ values | join(', ') ~ ")"
+            {%- do problems.append(
+                "select '" ~ column ~ " not in the accepted values', count(*) from checked where " ~ column
+                ~ " not in (" ~ values | join(', ') ~ ")"
             ) -%}
         {%- endfor -%}
+        {%- do queries.append(
+            "(with checked as materialized (select * from " ~ ref(check.model) ~ " where "
+            ~ (check.get('rows') or 'true') ~ ") select '" ~ check.model ~ "' as model, * from ("
+            ~ problems | join(' union all ') ~ "))"
+        ) -%}
     {%- endfor -%}
     select * from (
         {{ queries | join('\n        union all\n        ') }}

@@ -13,6 +13,8 @@
 {%- set buckets = "bucket_start in (select " ~ bucket_start('measured_at', 900) ~ " from " ~ changes ~ ")" -%}
 {%- set hours = "hour_start in (select " ~ bucket_start('measured_at', 3600) ~ " from " ~ changes ~ ")" -%}
 {%- set days = "local_date in (select local_date from " ~ changes ~ ")" -%}
+{%- set hours_of_week = "(day_of_week, hour_of_day) in (select " ~ local_day_of_week('measured_at') ~ ", "
+    ~ local_hour_of_day('measured_at') ~ " from " ~ changes ~ ")" -%}
 {%- set statuses = ["'freeFlow'", "'heavy'", "'congested'", "'impossible'", "'unknown'"] -%}
 {{ guard_checks([
     {'model': 'int_lake_changes', 'key': ['merged_at', 'measured_at']},
@@ -20,7 +22,7 @@
     {'model': 'int_segment_versions', 'key': ['segment_key', 'valid_from']},
     {'model': 'int_segment_15min', 'rows': buckets, 'key': ['segment_key', 'bucket_start'], 'not_null': ['road_name']},
     {'model': 'int_segment_hourly', 'rows': hours, 'key': ['segment_key', 'hour_start']},
-    {'model': 'int_segment_hour_of_week', 'key': ['segment_key', 'day_of_week', 'hour_of_day']},
+    {'model': 'int_segment_hour_of_week', 'rows': hours_of_week, 'key': ['segment_key', 'day_of_week', 'hour_of_day']},
     {'model': 'int_segment_off_peak_speeds', 'rows': days, 'key': ['segment_key', 'local_date', 'speed_kmh']},
     {'model': 'int_segment_free_flow', 'key': ['segment_key']},
     {'model': 'int_segment_last_observation', 'key': ['segment_key']},

@@ -1,6 +1,8 @@
+{{ config(materialized='view') }}
 -- One row: the network in its latest snapshot. Shares are of all segments in the network, so that
 -- freeflow + heavy + congested (congested or impossible) + unknown = 1, where unknown also counts the
--- segments absent from the latest snapshot. Closures are counted apart: segments and km.
+-- segments absent from the latest snapshot. Closures are counted apart: segments and km. A view: one row
+-- over segment_latest's 2,859, computed when published, costs no node in a minute's build.
 with latest as (
     select max(measured_at) as measured_at from {{ ref('segment_latest') }}
 ),
