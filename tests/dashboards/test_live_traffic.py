@@ -14,6 +14,7 @@ import duckdb
 import pytest
 import yaml
 from playwright.sync_api import BrowserContext, Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from .conftest import REPO, SupersetInstance
 
@@ -90,7 +91,18 @@ def screenshot_dashboard(page: Page, path: Path, expected: int) -> None:
     page.set_viewport_size(viewport)
 
 
+LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .ant-alert, .ant-message'))
+  .map(element => element.innerText)"""
+
+
 def log_in(context: BrowserContext, superset: SupersetInstance, username: str, password: str) -> Page:
+    """A new session for `username` in the shared browser context. The context's open pages are closed and its
+    cookies cleared first: a dashboard left open by an earlier test keeps sending requests (auto-refresh, log
+    beacons), and an answer to one of them arriving after the login would overwrite the new session cookie,
+    sending the login back to /login/."""
+    for page in list(context.pages):
+        page.close()
+    context.clear_cookies()
     page = context.new_page()
     # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
     page.set_default_timeout(120_000)
@@ -98,7 +110,11 @@ def log_in(context: BrowserContext, superset: SupersetInstance, username: str, p
     page.fill('[data-test="username-input"]', username)
     page.fill('[data-test="password-input"]', password)
     page.click('[data-test="login-button"]')
-    page.wait_for_url(lambda url: "/login" not in url, timeout=60_000)
+    try:
+        page.wait_for_url(lambda url: "/login" not in url, timeout=60_000)
+    except PlaywrightTimeout:
+        said = page.evaluate(LOGIN_MESSAGES)
+        raise AssertionError(f"{username}: still on {page.url} 60 s after logging in, the page says {said}") from None
     return page
 
 

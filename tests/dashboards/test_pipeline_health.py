@@ -94,7 +94,6 @@ def test_operator_sees_every_health_chart_with_data_and_the_viewer_is_refused(
     viewer_slugs = dashboard_slugs(viewer, superset)
     assert SLUG not in viewer_slugs and {"live-traffic", "trends"} <= viewer_slugs
 
-    browser.clear_cookies()  # the context is the session's: another test may have logged in already
     page = log_in(browser, superset, "operator", superset.operator_password)
     console_errors: list[str] = []
     page.on("pageerror", lambda error: console_errors.append(str(error)))
@@ -116,7 +115,6 @@ def test_operator_sees_every_health_chart_with_data_and_the_viewer_is_refused(
     page.close()
 
     # The viewer's browser does not get the dashboard either.
-    browser.clear_cookies()
     page = log_in(browser, superset, "viewer", superset.viewer_password)
     response = page.goto(superset.url + f"/superset/dashboard/{SLUG}/")
     assert response is not None

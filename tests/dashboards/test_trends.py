@@ -41,7 +41,6 @@ def test_viewer_sees_the_reliability_views_with_data(
         (episodes,) = con.execute("SELECT count(*) FROM congestion_events").fetchone()
     assert days >= 2 and hours >= 24 and episodes > 0
 
-    browser.clear_cookies()  # the context is the session's: another test may have logged in already
     page = log_in(browser, superset, "viewer", superset.viewer_password)
     console_errors: list[str] = []
     page.on("pageerror", lambda error: console_errors.append(str(error)))
