@@ -78,3 +78,84 @@
     ) as r
         using ({{ keys | join(', ') }})
 {%- endmacro %}
+
+
+{#- The rows of int_road_15min and int_road_hourly: each road direction per time bucket, aggregated from
+    its segments' sums over that bucket. `segments_model` holds one row per segment and bucket, its
+    bucket's start in `bucket_column`, buckets of `bucket_minutes`; `spans` (changed_spans()) limits the
+    buckets read to those an incremental build rebuilds (none: all of them). -#}
+{% macro road_buckets(segments_model, bucket_column, bucket_minutes, spans) -%}
+with segments as (
+    select
+        road_name,
+        carriageway,
+        {{ bucket_column }},
+        length_m,
+        min_speed_kmh,
+        max_speed_kmh,
+        sample_count,
+        closed_count,
+        {{ segment_means(bucket_minutes) }}
+    from {{ ref(segments_model) }}
+    {%- if spans is not none %}
+    where {{ in_spans(bucket_column, spans) }}
+    {%- endif %}
+),
+
+directions as (
+    {{ road_directions('segments', [bucket_column]) }}
+)
+
+select
+    road_name,
+    direction,
+    {{ bucket_column }},
+    -- Stored once per row, so that joining the typical week when the mart is read costs no time zone work.
+    {{ local_date(bucket_column) }} as local_date,
+    {{ local_day_of_week(bucket_column) }} as day_of_week,
+    {{ local_hour_of_day(bucket_column) }} as hour_of_day,
+    {{ road_aggregates() }}
+from directions
+group by road_name, direction, {{ bucket_column }}
+{%- endmacro %}
+
+
+{#- The rows of the marts road_traffic_15min and road_traffic_hourly: each road direction per bucket of
+    `roads_model` (int_road_15min or int_road_hourly, its bucket's start in `bucket_column`) beside its
+    typical values for that hour of the week (road_hour_of_week_profile). -#}
+{% macro road_buckets_beside_typical(roads_model, bucket_column) -%}
+select
+    r.road_name,
+    r.direction,
+    r.{{ bucket_column }},
+    r.day_of_week,
+    r.hour_of_day,
+    r.segment_count,
+    r.length_m,
+    r.mean_speed_kmh,
+    r.min_speed_kmh,
+    r.max_speed_kmh,
+    r.travel_time_s,
+    r.measured_length_share,
+    r.mean_reliability_pct,
+    r.sample_count,
+    r.closed_sample_count,
+    r.congested_share,
+    r.closed_share,
+    r.closed_segment_minutes,
+    r.measured_km,
+    r.measured_hours,
+    r.status_km,
+    r.congested_km,
+    r.closed_km,
+    p.typical_speed_kmh,
+    p.typical_travel_time_s,
+    p.measured_km as typical_measured_km,
+    p.measured_hours as typical_measured_hours
+from {{ ref(roads_model) }} as r
+left join {{ ref('road_hour_of_week_profile') }} as p
+    on r.road_name = p.road_name
+    and r.direction = p.direction
+    and r.day_of_week = p.day_of_week
+    and r.hour_of_day = p.hour_of_day
+{%- endmacro %}

@@ -4,6 +4,14 @@
     to_timestamp(floor(epoch({{ ts }}) / {{ seconds }}) * {{ seconds }})
 {%- endmacro %}
 
+{#- Each of `columns` as it was at the latest `at` of the group: a segment's attributes over a bucket,
+    when a new version of the segment starts within it. -#}
+{% macro latest_values(columns, at) -%}
+    {%- for column in columns %}
+    arg_max({{ column }}, {{ at }}) as {{ column }}{{ ',' if not loop.last }}
+    {%- endfor %}
+{%- endmacro %}
+
 
 {#- Day of week (1 = Monday .. 7 = Sunday) and hour of day on the local clock of var('local_timezone'). -#}
 {% macro local_day_of_week(ts) -%}

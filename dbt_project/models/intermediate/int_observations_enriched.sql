@@ -1,3 +1,4 @@
+{{ config(materialized='view') }}
 -- Observations with the attributes they were measured with (joined on the attribute version they carry)
 -- and the flags every aggregate needs. A view: consumers filter it on measured_date and measured_at with
 -- literals, which reach the delta scan and prune partitions.

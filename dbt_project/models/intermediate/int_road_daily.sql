@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='local_date',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='local_date') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- Each road direction per local day (a Rennes day, local midnight to midnight: 92 or 100 buckets on the
 -- days the clocks change): the distribution of its 15-minute travel times, all day and in the weekday

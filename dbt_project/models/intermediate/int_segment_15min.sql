@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='bucket_start',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='bucket_start') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- Additive sums per segment and 15-minute bucket, from which every speed and travel-time mart is
 -- derived. Incremental: the buckets holding a snapshot merged since the last build (int_lake_changes),
@@ -15,11 +8,7 @@
 select
     segment_key,
     {{ bucket_start('measured_at', 900) }} as bucket_start,
-    arg_max(road_name, measured_at) as road_name,
-    arg_max(carriageway, measured_at) as carriageway,
-    arg_max(hierarchy, measured_at) as hierarchy,
-    arg_max(speed_limit_kmh, measured_at) as speed_limit_kmh,
-    arg_max(length_m, measured_at) as length_m,
+    {{ latest_values(['road_name', 'carriageway', 'hierarchy', 'speed_limit_kmh', 'length_m'], 'measured_at') }},
     cast(count(*) as integer) as observation_count,
     cast(count(*) filter (where is_speed_sample) as integer) as sample_count,
     cast(count(*) filter (where traffic_status = 'congested') as integer) as congested_count,

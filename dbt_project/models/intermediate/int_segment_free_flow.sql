@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='segment_key',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='segment_key') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- The percentile var('free_flow_percentile') of each segment's off-peak speed samples over all history,
 -- read exactly from the histogram. Recomputed for every segment when off-peak snapshots were merged (a

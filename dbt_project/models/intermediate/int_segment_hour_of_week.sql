@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='hour_of_week',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='hour_of_week') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- Sums per segment and hour of the week (local clock) over all history: the typical values are ratios
 -- of these sums. Incremental: the hours of the week holding a merged snapshot are summed again from the

@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='hour_start',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='hour_start') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- The segments' 15-minute sums added up per UTC hour, with the hour's place on the local clock.
 -- Incremental: the hours holding a merged snapshot are recomputed from their four buckets.
@@ -15,10 +8,7 @@ with hours as (
     select
         segment_key,
         {{ bucket_start('bucket_start', 3600) }} as hour_start,
-        arg_max(road_name, bucket_start) as road_name,
-        arg_max(carriageway, bucket_start) as carriageway,
-        arg_max(speed_limit_kmh, bucket_start) as speed_limit_kmh,
-        arg_max(length_m, bucket_start) as length_m,
+        {{ latest_values(['road_name', 'carriageway', 'speed_limit_kmh', 'length_m'], 'bucket_start') }},
         cast(sum(observation_count) as integer) as observation_count,
         cast(sum(sample_count) as integer) as sample_count,
         cast(sum(congested_count) as integer) as congested_count,

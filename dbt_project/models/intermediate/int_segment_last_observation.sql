@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='segment_key',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='segment_key') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- The latest observation of every segment. Incremental: the rows of the snapshots merged since the last
 -- build compete with the latest held for their segments; a late snapshot older than that loses.

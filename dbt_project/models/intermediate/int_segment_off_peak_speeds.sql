@@ -1,11 +1,4 @@
-{{
-    config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
-        unique_key='local_date',
-        on_schema_change='fail',
-    )
-}}
+{{ config(unique_key='local_date') }}
 -- depends_on: {{ ref('int_lake_changes') }}  (what changed_spans() reads)
 -- How many off-peak speed samples each segment had at each speed (integer km/h), per local day: the
 -- histogram the free-flow percentile is read from. Incremental: the local days in which an off-peak

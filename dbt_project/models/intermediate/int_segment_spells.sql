@@ -1,9 +1,6 @@
 {{
     config(
-        materialized='incremental',
-        incremental_strategy='delete+insert',
         unique_key=['segment_key', 'first_at'],
-        on_schema_change='fail',
         post_hook="delete from {{ this }} where last_at is null",
     )
 }}
@@ -47,17 +44,8 @@
 with
 {%- if spans is none %}
 
-blocks as (
-    select
-        segment_key,
-        is_congested,
-        measured_at as first_at,
-        measured_at as last_at,
-        1 as sample_count,
-        cast(traffic_status = 'congested' as integer) as congested_count,
-        cast(is_closed as integer) as closed_count,
-        attributes_hash,
-        false as is_context
+samples as (
+    select segment_key, is_congested, measured_at, traffic_status, is_closed, attributes_hash
     from {{ ref('int_observations_enriched') }}
     where traffic_status <> 'unknown'
 ),
@@ -100,8 +88,10 @@ samples as (
     union
     select * from rebuilt_samples
 ),
+{%- endif %}
 
-taken as (
+-- Each sample as a block of one sample, the unit the spells below are merged from.
+sample_blocks as (
     select
         segment_key,
         is_congested,
@@ -113,6 +103,16 @@ taken as (
         attributes_hash,
         false as is_context
     from samples
+),
+{%- if spans is none %}
+
+blocks as (
+    select * from sample_blocks
+),
+{%- else %}
+
+taken as (
+    select * from sample_blocks
     union all
     select
         segment_key, is_congested, first_at, last_at, sample_count, congested_count, closed_count,

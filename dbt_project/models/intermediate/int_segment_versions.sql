@@ -1,3 +1,4 @@
+{{ config(materialized='view') }}
 -- Each segment version, with what every mart needs to group and weigh it: the road (a name is needed to
 -- group), the carriageway from the segment's id, the length.
 select
