@@ -204,9 +204,9 @@ def merge_segments(
     """Bring the versions of the segments this chunk touches in line with all their points.
 
     `candidates`: the chunk's candidate versions, hashed (see `hash_attributes`); `points`: the chunk's
-    accepted (segment_key, measured_at). Runs after the chunk's observations are committed, so that two merges racing
-    cannot both miss each other: each reads the segments after its own observations landed, and a merge that
-    changed versions looks again when other observations landed meanwhile.
+    accepted (segment_key, measured_at). Runs after the chunk's observations are committed, so that two merges
+    racing cannot both miss each other: each reads the segments after its own observations landed, and a merge
+    that changed versions looks again when other observations landed meanwhile.
     """
     table, observations = tables[SEGMENTS], tables[OBSERVATIONS]
     touched: set[str] = set()
@@ -282,3 +282,4 @@ def _rewrite_versions(
         .when_not_matched_by_source_delete(predicate=f"t.segment_key IN ({quoted})")
         .execute()
     )
+    return True
