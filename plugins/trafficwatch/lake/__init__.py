@@ -20,7 +20,7 @@ from trafficwatch.lake.geometry import geometry_length_m
 from trafficwatch.lake.maintenance import MaintenanceResult, expire_raw, maintain
 from trafficwatch.lake.merge import MergeResult, backfill, merge_objects, merge_pending
 from trafficwatch.lake.mergelog import append_merge_log, merged_keys, pending_raw, refused_keys
-from trafficwatch.lake.preparation import Prepared, gunzip, prepare
+from trafficwatch.lake.preparation import gunzip, prepare
 from trafficwatch.lake.schema import (
     APP_ID,
     LAKE_PREFIX,
@@ -69,7 +69,6 @@ __all__ = [
     "MaintenanceResult",
     "MergeResult",
     "OpenTables",
-    "Prepared",
     "RawIndex",
     "Tables",
     "append_merge_log",
