@@ -15,7 +15,7 @@ What is measured (figures only: nothing here asserts a time)
       i.e. pending discovery (incremental listing of raw/) and the merge, on the tables the worker keeps open.
 3. Discovering pending objects (`lake.pending_raw`: list `raw/`, read `merge_log`) at both sizes, with
    one new snapshot landed and not merged yet; 7 runs. And the worker's incremental listing of the same
-   `raw/` (`lake.RawIndex.refresh` after its first, full listing); 7 runs.
+   `raw/` (`raw.RawIndex.refresh` after its first, full listing); 7 runs.
 
 Every figure is a median, every run is printed, with wall seconds and the CPU seconds of the process
 (all threads). The 1-day and 30-day runs alternate (1, 30, 30, 1, ...) in one process, so both see the
@@ -26,7 +26,7 @@ How the data is made
 --------------------
 - Snapshots: the local feed (`trafficwatch.feed`: the simulator evolving the real base snapshot, seed 0,
   one snapshot a minute from 2024-08-26 00:00 UTC) served on loopback, fetched and landed by
-  `landing.ingest`: the exports/json body the feed serves, gzipped under `landing.raw_key` with its
+  `landing.ingest`: the exports/json body the feed serves, gzipped under `raw.raw_key` with its
   metadata, exactly as production lands it. A backfill run gets server-side copies of them.
 - 1-day history: the first backfill run's tables, then `lake.maintain` (compact, checkpoint, vacuum).
 - 30-day history (123.5 M observations): written directly with `write_deltalake` into tables created by
@@ -44,9 +44,9 @@ nothing else, so the table's files are again exactly the recorded ones; Delta re
 version otherwise), a checkpoint written (the state maintenance leaves), the new raw objects deleted.
 
 Run: `make bench`, or `.venv/bin/python bench/lake_merge.py [--profile]`. `--profile` then prints the wall
-and CPU time of each lake.py step (ensure_tables, read_objects, validate, dedupe, each MERGE, ...) for
-one more backfill and 11 more single merges per history size, by wrapping lake.py's functions in the
-profiling process (lake.py itself is not changed).
+and CPU time of each step of the merge (ensure_tables, prepare, validate, each MERGE, ...) for one more
+backfill and 11 more single merges per history size, by wrapping the lake package's functions in the
+profiling process (the package itself is not changed).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import multiprocessing
@@ -79,7 +80,7 @@ import deltalake
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from trafficwatch import lake, landing, operate, services, storage, worker
+from trafficwatch import lake, landing, operate, raw, services, storage, worker
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
 from trafficwatch.feed import FeedConfig, start_in_thread
 from trafficwatch.source import Client
@@ -116,11 +117,11 @@ def minute(index: int) -> datetime:
 
 
 def day_keys() -> list[str]:
-    return [landing.raw_key(minute(i)) for i in range(MINUTES)]
+    return [raw.raw_key(minute(i)) for i in range(MINUTES)]
 
 
 def new_keys() -> list[str]:
-    return [landing.raw_key(minute(MINUTES + i)) for i in range(NEW_SNAPSHOTS)]
+    return [raw.raw_key(minute(MINUTES + i)) for i in range(NEW_SNAPSHOTS)]
 
 
 def median(values: list[float]) -> float:
@@ -241,9 +242,9 @@ def copy_objects(s3: Any, source: str, target: str, keys: list[str]) -> None:
         list(pool.map(copy, keys))
 
 
-def raw_object(s3: Any, bucket: str, key: str) -> lake.RawObject:
+def raw_object(s3: Any, bucket: str, key: str) -> raw.RawObject:
     modified = s3.head_object(Bucket=bucket, Key=key)["LastModified"]
-    return lake.RawObject(key, modified.astimezone(UTC))
+    return raw.RawObject(key, modified.astimezone(UTC))
 
 
 # --------------------------------------------------------------------------- the cache manifest
@@ -257,18 +258,18 @@ def fingerprint() -> str:
 
 
 def code_version() -> str:
-    """Which lake.py the figures belong to: the commit, and the file's own hash (it may be uncommitted)."""
-    path = Path(lake.__file__)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    """Which lake package the figures belong to: the commit, and its files' own hash (they may be uncommitted)."""
+    package = Path(lake.__file__).parent
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(package.glob("*.py")))).hexdigest()[:12]
     try:
         head = subprocess.run(
-            ["git", "-C", str(path.parent), "log", "-1", "--format=%h", "--", path.name],
+            ["git", "-C", str(package), "log", "-1", "--format=%h", "--", "."],
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(path.parent), "diff", "--quiet", "--", path.name], timeout=10)
+        dirty = subprocess.run(["git", "-C", str(package), "diff", "--quiet", "--", "."], timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return f"lake.py sha256 {digest}"
-    return f"lake.py sha256 {digest} (last commit {head}{', uncommitted changes' if dirty.returncode else ''})"
+        return f"lake/*.py sha256 {digest}"
+    return f"lake/*.py sha256 {digest} (last commit {head}{', uncommitted changes' if dirty.returncode else ''})"
 
 
 @dataclass
@@ -310,7 +311,7 @@ def _land_worker(indices: list[int]) -> int:
         for index in indices:
             server.advance(index - server.current_index())
             result = landing.ingest(settings, s3, client)
-            if result.key != landing.raw_key(minute(index)):
+            if result.key != raw.raw_key(minute(index)):
                 raise RuntimeError(f"feed served {result.key} for snapshot {index}")
     finally:
         server.close()
@@ -320,7 +321,7 @@ def _land_worker(indices: list[int]) -> int:
 def ensure_raw_zone(s3: Any) -> None:
     """The day's 1,440 snapshots and the next day's first ones, landed once in the raw bucket."""
     wanted = {key: i for i, key in enumerate(day_keys() + new_keys())}
-    present = set(storage.list_keys(s3, RAW_BUCKET, landing.RAW_PREFIX))
+    present = set(storage.list_keys(s3, RAW_BUCKET, raw.RAW_PREFIX))
     missing = sorted(i for key, i in wanted.items() if key not in present)
     if not missing:
         print(f"raw zone: cached ({len(wanted)} snapshots in s3://{RAW_BUCKET}/raw/)")
@@ -333,7 +334,7 @@ def ensure_raw_zone(s3: Any) -> None:
         shares = [missing[w::LAND_WORKERS] for w in range(LAND_WORKERS)]
         landed = sum(pool.map(_land_worker, shares))
     print(f"raw zone: landed {landed} snapshots in {took():.0f} s")
-    present = set(storage.list_keys(s3, RAW_BUCKET, landing.RAW_PREFIX))
+    present = set(storage.list_keys(s3, RAW_BUCKET, raw.RAW_PREFIX))
     if not set(wanted) <= present:
         raise RuntimeError("raw zone incomplete after landing")
 
@@ -350,7 +351,7 @@ class Run:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def timed_merge(settings: Settings, objects: list[lake.RawObject], peak: PeakRss) -> Run:
+def timed_merge(settings: Settings, objects: list[raw.RawObject], peak: PeakRss) -> Run:
     """`lake.merge_objects(settings, objects)`, timed: what the brief measures, nothing around it."""
     peak.reset()
     cpu = time.process_time()
@@ -361,7 +362,7 @@ def timed_merge(settings: Settings, objects: list[lake.RawObject], peak: PeakRss
 
 def _backfill_child(bucket: str) -> Run:
     settings = settings_for(bucket)
-    objects = sorted(lake.list_raw(storage.s3_client(settings), bucket), key=lambda o: o.key)
+    objects = sorted(raw.list_raw(storage.s3_client(settings), bucket), key=lambda o: o.key)
     return timed_merge(settings, objects, PeakRss())
 
 
@@ -414,7 +415,7 @@ def _undo(table: DeltaTable, name: str, want: dict[str, Any]) -> None:
 
 def restore_history(s3: Any, settings: Settings, golden: dict[str, dict[str, Any]]) -> bool:
     """Undo what measurements merged into a history: False if it cannot be brought back."""
-    stray = storage.list_keys(s3, settings.bucket, landing.raw_key(minute(MINUTES)).rsplit("/", 1)[0] + "/")
+    stray = storage.list_keys(s3, settings.bucket, raw.raw_key(minute(MINUTES)).rsplit("/", 1)[0] + "/")
     for start in range(0, len(stray), 1000):
         batch = [{"Key": key} for key in stray[start : start + 1000]]
         s3.delete_objects(Bucket=settings.bucket, Delete={"Objects": batch, "Quiet": True})
@@ -454,10 +455,10 @@ def record_history(manifest: Manifest, days: int, **extra: Any) -> dict[str, Any
 
 
 def source_key_expr(column: str) -> pl.Expr:
-    """`landing.raw_key` of a UTC timestamp column, vectorised."""
+    """`raw.raw_key` of a UTC timestamp column, vectorised."""
     moment = pl.col(column)
     return pl.format(
-        landing.RAW_PREFIX + "date={}/{}" + landing.RAW_SUFFIX,
+        raw.RAW_PREFIX + "date={}/{}" + raw.RAW_SUFFIX,
         moment.dt.strftime("%Y-%m-%d"),
         moment.dt.strftime("%Y%m%dT%H%M%SZ"),
     )
@@ -549,7 +550,7 @@ def ensure_listing(s3: Any, history: dict[str, Any]) -> int:
     settings = settings_for(HISTORY_BUCKETS[HISTORY_DAYS])
     merged = lake.merged_keys(settings, lake.ensure_tables(settings))
     wanted = merged | {new_keys()[0]}
-    if bucket_exists(s3, LISTING_BUCKET) and set(storage.list_keys(s3, LISTING_BUCKET, landing.RAW_PREFIX)) == wanted:
+    if bucket_exists(s3, LISTING_BUCKET) and set(storage.list_keys(s3, LISTING_BUCKET, raw.RAW_PREFIX)) == wanted:
         print(f"listing bucket: cached ({len(wanted):,} keys in s3://{LISTING_BUCKET}/raw/)")
         return len(wanted)
     print(f"listing bucket: writing {len(wanted):,} empty placeholder objects ...", flush=True)
@@ -606,13 +607,13 @@ def _singles_child(keys: list[str]) -> dict[int, Series]:
             series[days].pending.append(took())
     for days, figures in series.items():
         settings = settings_for(HISTORY_BUCKETS[days])
-        index = lake.RawIndex()  # the worker's listing: once in full, then only what sorts after its last key
+        index = raw.RawIndex()  # the worker's listing: once in full, then only what sorts after its last key
         index.refresh(s3, listing_settings(days).bucket)
         for _ in range(PENDING_RUNS):
             with stopwatch() as took:
                 index.refresh(s3, listing_settings(days).bucket)
             figures.incremental_listing.append(took())
-        figures.listed = len(lake.list_raw(s3, listing_settings(days).bucket))
+        figures.listed = len(raw.list_raw(s3, listing_settings(days).bucket))
         figures.merge_log_rows = len(lake.merged_keys(settings, lake.ensure_tables(settings)))
     peak = PeakRss()
     cold, warm_up, served = keys[:SINGLE_RUNS], keys[SINGLE_RUNS], keys[SINGLE_RUNS + 1 :]
@@ -682,22 +683,23 @@ def measure_singles(s3: Any, histories: dict[int, dict[str, Any]]) -> dict[int, 
 
 # --------------------------------------------------------------------------- --profile: where the time goes
 
-# lake.py's steps, timed by wrapping the module's functions in the profiling process only (lake.py is not
-# changed). Steps nest: `_rewrite_versions` is part of `merge_segments`, `may_hold` of the writes. `prepare`
+# The merge's steps, timed by wrapping the lake package's functions in the profiling process only (the package
+# is not changed), each where it is called: "lake.merge.merge_observations" is the name the merge module calls.
+# Steps nest: `_rewrite_versions` is part of `merge_segments`, `may_hold` of the writes. `prepare`
 # (download, parse, validate, dedupe) runs in worker processes for batches of PROCESSES_FROM objects or more:
 # there, only the main process's wait for the prepared batches shows.
 PHASES = (
     ("storage.s3_client", "create the S3 client"),
-    ("lake.ensure_tables", "open the four tables"),
-    ("lake.prepare", "prepare in this process: download + parse + validate + dedupe"),
-    ("lake._merge_chunk", "write the chunks (the rest of the total: waiting for prepared objects)"),
-    ("lake.merge_rejected", "write rejected_records"),
-    ("lake.merge_observations", "write traffic_observations (append, or MERGE if not new)"),
-    ("lake.may_hold", "  may the table hold these rows? (Delta log statistics)"),
-    ("lake.validate", "  validate rows (in prepare)"),
-    ("lake.merge_segments", "road_segments: touched segments (none in a steady minute), after the observations"),
-    ("lake._rewrite_versions", "  recompute and write the versions of touched segments"),
-    ("lake.append_merge_log", "write merge_log"),
+    ("lake.merge.ensure_tables", "open the four tables"),
+    ("lake.preparation.prepare", "prepare in this process: download + parse + validate + dedupe"),
+    ("lake.merge._merge_chunk", "write the chunks (the rest of the total: waiting for prepared objects)"),
+    ("lake.merge.merge_rejected", "write rejected_records"),
+    ("lake.merge.merge_observations", "write traffic_observations (append, or MERGE if not new)"),
+    ("lake.writes.may_hold", "  may the table hold these rows? (Delta log statistics)"),
+    ("lake.preparation.validate", "  validate rows (in prepare)"),
+    ("lake.merge.merge_segments", "road_segments: touched segments (none in a steady minute), after the observations"),
+    ("lake.segments._rewrite_versions", "  recompute and write the versions of touched segments"),
+    ("lake.merge.append_merge_log", "write merge_log"),
     ("lake.merge_objects", "merge_objects, total"),
 )
 THREAD_PHASES: set[str] = set()  # phases run in other threads: timed with per-thread CPU
@@ -712,14 +714,14 @@ class PhaseTimes:
 
 @contextlib.contextmanager
 def phase_timers() -> Iterator[dict[str, PhaseTimes]]:
-    """Wall and CPU time per lake.py step while the block runs (the functions are restored afterwards)."""
-    modules = {"lake": lake, "storage": storage}
+    """Wall and CPU time per step of the merge while the block runs (the functions are restored afterwards)."""
     totals = {name: PhaseTimes() for name, _ in PHASES}
+    modules = {name: importlib.import_module(f"trafficwatch.{name.rpartition('.')[0]}") for name in totals}
     originals: dict[str, Callable[..., Any]] = {}
     for name in totals:
-        module, attribute = name.split(".")
-        if hasattr(modules[module], attribute):
-            originals[name] = getattr(modules[module], attribute)
+        attribute = name.rpartition(".")[2]
+        if hasattr(modules[name], attribute):
+            originals[name] = getattr(modules[name], attribute)
 
     def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         clock = time.thread_time if name in THREAD_PHASES else time.process_time
@@ -737,14 +739,12 @@ def phase_timers() -> Iterator[dict[str, PhaseTimes]]:
         return wrapper
 
     for name, function in originals.items():
-        module, attribute = name.split(".")
-        setattr(modules[module], attribute, timed(name, function))
+        setattr(modules[name], name.rpartition(".")[2], timed(name, function))
     try:
         yield totals
     finally:
         for name, function in originals.items():
-            module, attribute = name.split(".")
-            setattr(modules[module], attribute, function)
+            setattr(modules[name], name.rpartition(".")[2], function)
 
 
 def _profile_child(bucket: str, keys: list[str]) -> list[dict[str, PhaseTimes]]:
@@ -920,7 +920,7 @@ def ensure_history_1d(s3: Any, manifest: Manifest) -> tuple[dict[str, Any] | Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--profile", action="store_true", help="add the time per lake.py phase")
+    parser.add_argument("--profile", action="store_true", help="add the time per step of the merge")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

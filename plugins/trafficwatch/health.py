@@ -31,9 +31,8 @@ import polars as pl
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from trafficwatch import lake, storage
+from trafficwatch import lake, raw, storage
 from trafficwatch.config import Settings
-from trafficwatch.landing import QUARANTINE_PREFIX, RAW_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +178,11 @@ def _new_rows(settings: Settings, name: str, table: DeltaTable, read: frozenset[
 
 def _quarantined_since(settings: Settings, s3: Any, since: datetime | None) -> pl.DataFrame:
     """The objects under quarantine/ written at or after `since`, with their stage and reason."""
-    rows = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=QUARANTINE_PREFIX):
-        for item in page.get("Contents", []):
-            written = item["LastModified"].astimezone(UTC)
-            if since is not None and written < since:
-                continue
-            key = item["Key"]
-            metadata = s3.head_object(Bucket=settings.bucket, Key=key).get("Metadata", {})
-            stage = "merge" if key.startswith(f"{QUARANTINE_PREFIX}{RAW_PREFIX}") else "ingest"
-            rows.append((key, written, stage, metadata.get("reason")))
+    rows = [
+        (obj.key, obj.written_at, obj.stage, raw.quarantine_reason(s3, settings.bucket, obj.key))
+        for obj in raw.list_quarantined(s3, settings.bucket)
+        if since is None or obj.written_at >= since
+    ]
     return pl.DataFrame(rows, schema=QUARANTINED_SCHEMA, orient="row")
 
 

@@ -1,35 +1,29 @@
-"""The raw zone and the quarantine in S3: keys, metadata, "already landed?", and one ingest poll.
+"""Landing in the raw zone: "already landed?", the conditional put with its lineage, and one ingest poll.
 
-A snapshot is landed once, under a key made of its upstream `datetime` in UTC:
-
-    raw/date=2024-08-26/20240826T104300Z.json.gz
-
-The object is the payload exactly as received, gzip-compressed, with its lineage in S3 metadata.
-The put is conditional (`If-None-Match: *`), so two pollers racing on one snapshot land it once and
-nothing landed is ever overwritten. Payloads that cannot be used go to `quarantine/` with the reason.
+A snapshot is landed once, under the raw key of its upstream `datetime` (`raw.raw_key`). The object is the
+payload exactly as received, gzip-compressed, with its lineage in S3 metadata. The put is conditional
+(`If-None-Match: *`), so two pollers racing on one snapshot land it once and nothing landed is ever
+overwritten. Payloads that cannot be used go to quarantine (`raw.quarantine`) with the reason.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import botocore.exceptions
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
+
+# RAW_PREFIX and measured_at_of are not used here: history.py and operate.py still reach them through landing.
+from trafficwatch.raw import RAW_PREFIX, measured_at_of, metadata_text, quarantine, raw_key  # noqa: F401
 from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SnapshotRules, SourceError, check_plausible
 
 log = logging.getLogger(__name__)
-
-RAW_PREFIX = "raw/"
-QUARANTINE_PREFIX = "quarantine/"
-RAW_SUFFIX = ".json.gz"
-RAW_KEY = re.compile(r"raw/date=\d{4}-\d{2}-\d{2}/\d{8}T\d{6}Z\.json\.gz")
 
 
 @dataclass(frozen=True)
@@ -58,19 +52,6 @@ class IngestError(Exception):
     """A poll that failed. The message is one line; the body, if any, is already in quarantine."""
 
 
-def raw_key(measured_at: datetime) -> str:
-    utc = measured_at.astimezone(UTC)
-    return f"{RAW_PREFIX}date={utc:%Y-%m-%d}/{utc:%Y%m%dT%H%M%SZ}{RAW_SUFFIX}"
-
-
-def measured_at_of(key: str) -> datetime:
-    """The snapshot time a raw key stands for (the inverse of `raw_key`); ValueError if it stands for none."""
-    stamp = key.rsplit("/", 1)[-1].removesuffix(RAW_SUFFIX)
-    if not RAW_KEY.fullmatch(key):
-        raise ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})")
-    return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-
-
 def is_landed(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)
@@ -81,11 +62,6 @@ def is_landed(s3: Any, bucket: str, key: str) -> bool:
     return True
 
 
-def _ascii(value: str, limit: int = 512) -> str:
-    """S3 user metadata must be ASCII and small."""
-    return value.encode("ascii", "replace").decode("ascii")[:limit]
-
-
 def land(s3: Any, bucket: str, fetched: FetchedSnapshot) -> LandingResult:
     """Write a fetched snapshot to the raw zone unless that upstream snapshot is already there."""
     snapshot = fetched.snapshot
@@ -93,10 +69,10 @@ def land(s3: Any, bucket: str, fetched: FetchedSnapshot) -> LandingResult:
     if is_landed(s3, bucket, key):  # the usual case between two upstream updates: skip the upload
         return LandingResult("unchanged", key, snapshot.measured_at)
     metadata = {
-        "upstream-datetime": _ascii(snapshot.upstream_datetime),
+        "upstream-datetime": metadata_text(snapshot.upstream_datetime),
         "measured-at": snapshot.measured_at.isoformat(),
         "fetched-at": fetched.fetched_at.isoformat(),
-        "source-url": _ascii(fetched.source_url),
+        "source-url": metadata_text(fetched.source_url),
         "source-mode": fetched.mode,
         "record-count": str(fetched.record_count),
         "sha256": fetched.sha256,
@@ -125,33 +101,6 @@ def put_raw(
         raise
     count = int(metadata["record-count"]) if "record-count" in metadata else None
     return LandingResult("landed", key, measured_at, count, metadata.get("sha256"))
-
-
-def quarantine(
-    s3: Any, bucket: str, body: bytes, reason: str, source_url: str, mode: str, key: str | None = None
-) -> str:
-    """Keep a payload that could not be used, with the reason and the time, for an operator to inspect.
-
-    `key`: where, when the payload has a name of its own (a refused raw object: quarantined again by a
-    backfill, it replaces its copy instead of adding one); by default a new key per call.
-    """
-    now = datetime.now(UTC)
-    if key is None:
-        slug = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")[:40]
-        key = f"{QUARANTINE_PREFIX}date={now:%Y-%m-%d}/{now:%Y%m%dT%H%M%S.%fZ}_{mode}_{slug}.gz"
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=gzip.compress(body, mtime=0),
-        ContentType="application/gzip",
-        Metadata={
-            "reason": _ascii(reason, 1024),
-            "quarantined-at": now.isoformat(),
-            "source-url": _ascii(source_url),
-            "source-mode": mode,
-        },
-    )
-    return key
 
 
 def ingest(settings: Settings, s3: Any | None = None, client: Client | None = None) -> LandingResult:

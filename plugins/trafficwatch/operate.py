@@ -196,24 +196,24 @@ def merge_log_keys(settings: Settings, storage_options: dict[str, str]) -> tuple
         table = DeltaTable(lake.table_uri(settings, lake.MERGE_LOG), storage_options=storage_options)
     except TableNotFoundError:
         return frozenset(), frozenset()
-    tables = {lake.MERGE_LOG: table}
+    tables = lake.Tables({lake.MERGE_LOG: table})
     return lake.merged_keys(settings, tables), lake.refused_keys(settings, tables)
 
 
 def landed_snapshots(s3: Any, bucket: str) -> dict[str, datetime]:
     """Raw key -> LastModified, for every landed snapshot."""
-    from trafficwatch import lake
+    from trafficwatch import raw
 
-    return {obj.key: obj.landed_at for obj in lake.list_raw(s3, bucket)}
+    return {obj.key: obj.landed_at for obj in raw.list_raw(s3, bucket)}
 
 
 def showable_snapshots(landed: Collection[str], refused: Collection[str]) -> dict[str, datetime]:
     """Raw key -> upstream time of the landed snapshots the dashboards should show: neither what the merge
     refused (a snapshot dated 2030 would otherwise be "newest" forever) nor keys that name no snapshot time
     (the merge refuses them)."""
-    from trafficwatch import lake
+    from trafficwatch import raw
 
-    showable = {key: lake.key_time(key) for key in landed if key not in refused}
+    showable = {key: raw.key_time(key) for key in landed if key not in refused}
     return {key: when for key, when in showable.items() if when is not None}
 
 

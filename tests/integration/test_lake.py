@@ -16,8 +16,9 @@ import polars as pl
 import pytest
 
 from tests.conftest import land_raw, redated
-from trafficwatch import lake
+from trafficwatch import lake, raw
 from trafficwatch.config import Settings
+from trafficwatch.lake import preparation
 from trafficwatch.source import SnapshotRules
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,7 @@ def test_lineage_and_merge_log(s3_settings, sample_bytes) -> None:
 @pytest.mark.parametrize("where", ["this process", "worker processes"])
 def test_backlog_of_100_snapshots_clears_in_one_run(where, s3_settings, sample_bytes, monkeypatch) -> None:
     # Backlogs from PROCESSES_FROM objects on are parsed in spawned worker processes: test both paths.
-    monkeypatch.setattr(lake, "PROCESSES_FROM", 1000 if where == "this process" else 50)
+    monkeypatch.setattr(preparation, "PROCESSES_FROM", 1000 if where == "this process" else 50)
     for minutes in range(0, 300, 3):
         land_raw(s3_settings, redated(sample_bytes, minutes))
     assert lake.status(s3_settings)["pending_raw_objects"] == 100
@@ -281,7 +282,7 @@ def _observations_of(settings: Settings, body: bytes, key: str) -> pl.DataFrame:
 
     client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
     rules = SnapshotRules.of(settings)
-    prepared = lake.prepare(client, settings.bucket, [lake.RawObject(key, datetime.now(UTC))], rules)
+    prepared = lake.prepare(client, settings.bucket, [raw.RawObject(key, datetime.now(UTC))], rules)
     return prepared.observations.drop("fingerprint").with_columns(
         pl.lit("test", dtype=pl.String).alias("attributes_hash"),
         pl.lit(datetime.now(UTC), dtype=lake.UTC_US).alias("merged_at"),
@@ -293,12 +294,12 @@ def test_new_rows_are_appended_and_rows_the_table_may_hold_are_merged(s3_setting
     later = _observations_of(s3_settings, sample_bytes, land_raw(s3_settings, redated(sample_bytes, 1)))
     table = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
     assert not lake.may_hold(table, first)  # an empty table holds nothing
-    lake.merge_observations(table, first, batch=1)
+    lake.merge_observations(table, first, transaction=1)
     assert lake.may_hold(table, first)  # its file's statistics cover that minute now
     assert not lake.may_hold(table, later)  # and not the next one
     assert table.history(1)[0]["operation"] == "WRITE"  # new rows: a plain append
 
-    version = lake.merge_observations(table, first, batch=2)  # a replay: the MERGE finds every row there
+    version = lake.merge_observations(table, first, transaction=2)  # a replay: the MERGE finds every row there
     assert version == 1
     assert lake.scan_table(table, lake.storage_options(s3_settings)).select(pl.len()).collect().item() == 2859
 
@@ -311,9 +312,9 @@ def test_two_writers_appending_the_same_rows_from_one_version_do_not_duplicate(s
     one = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
     two = lake.ensure_tables(s3_settings)[lake.OBSERVATIONS]
     assert one.version() == two.version() == 0
-    lake.merge_observations(one, rows, batch=1)
+    lake.merge_observations(one, rows, transaction=1)
     assert not lake.may_hold(two, rows)  # `two` still sees the table as it was: the rows look new to it
-    lake.merge_observations(two, rows, batch=2)
+    lake.merge_observations(two, rows, transaction=2)
     frame = lake.scan_table(lake.ensure_tables(s3_settings)[lake.OBSERVATIONS], lake.storage_options(s3_settings))
     assert frame.select(pl.len()).collect().item() == 2859
 
@@ -326,14 +327,14 @@ def test_a_process_keeping_its_tables_open_knows_what_it_merged_without_reading_
     first = land_raw(s3_settings, redated(sample_bytes, 0))
     assert lake.merge_pending(s3_settings, s3, tables.get()).merged_objects == 1
     read_back: list[list[str]] = []  # merge log files read
-    scan_parquet = lake.pl.scan_parquet
+    scan_parquet = pl.scan_parquet
 
     def counted(source, **options):
         if "merge_log" in str(source):
             read_back.append([source] if isinstance(source, str) else list(source))
         return scan_parquet(source, **options)
 
-    monkeypatch.setattr(lake.pl, "scan_parquet", counted)
+    monkeypatch.setattr(pl, "scan_parquet", counted)
 
     second = land_raw(s3_settings, redated(sample_bytes, 1))
     assert lake.merge_pending(s3_settings, s3, tables.get()).merged_objects == 1

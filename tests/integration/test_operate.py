@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from tests.conftest import land_raw, redated
 from trafficwatch import lake, operate
 from trafficwatch.config import Settings
-from trafficwatch.landing import measured_at_of
+from trafficwatch.raw import measured_at_of
 
 pytestmark = pytest.mark.integration
 

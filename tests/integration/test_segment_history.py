@@ -19,10 +19,11 @@ race and crash tests after both merges or the rerun, with the observations and n
   two batches one after the other (the control).
 - `test_crash_*`: a merge raises before or after one of its table writes; `merge_pending` then reruns.
 
-Hooks used (keep them, or change these tests with them): `lake._commit(table, action, what)` runs each
-table write of a merge, `what` being the table name and `table` the handle from the `tables` given to
-`merge_objects` (calling it more than once per table is fine: only the first call is held or crashed);
-`lake.OBJECTS_PER_TASK` and `lake.OBJECTS_PER_COMMIT` split a merge into prepare tasks and commits.
+Hooks used (keep them, or change these tests with them): `lake.writes.commit_with_retries(table, action,
+what)` runs each table write of a merge (every module calls it as `writes.commit_with_retries`), `what` being
+the table name and `table` the handle from the `tables` given to `merge_objects` (calling it more than once
+per table is fine: only the first call is held or crashed); `lake.preparation.OBJECTS_PER_TASK` and
+`lake.merge.OBJECTS_PER_COMMIT` split a merge into prepare tasks and commits.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import pytest
 
 from tests.conftest import SAMPLE_DATETIME
 from tests.support import reference
-from trafficwatch import lake, storage
+from trafficwatch import lake, raw, storage
 from trafficwatch.config import Settings
-from trafficwatch.landing import raw_key
+from trafficwatch.lake import merge, preparation, writes
+from trafficwatch.raw import raw_key
 from trafficwatch.source import normalize_payload
 
 pytestmark = pytest.mark.integration
@@ -205,7 +207,7 @@ class Lake:
         self.records, self.snapshots = records, snapshots
         self.bodies = _bodies(records, snapshots, seed)
         self.keys = [self._land(body) for body in self.bodies]
-        landed = {obj.key: obj for obj in lake.list_raw(self.s3, self.settings.bucket)}
+        landed = {obj.key: obj for obj in raw.list_raw(self.s3, self.settings.bucket)}
         self.objects = [landed[key] for key in self.keys]
         self.merged: set[int] = set()
 
@@ -216,7 +218,7 @@ class Lake:
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=gzip.compress(body, mtime=0))
         return key
 
-    def objects_of(self, indexes: list[int]) -> list[lake.RawObject]:
+    def objects_of(self, indexes: list[int]) -> list[raw.RawObject]:
         return [self.objects[index] for index in indexes]
 
     def merge(self, indexes: list[int], tables: dict[str, Any] | None = None) -> lake.MergeResult:
@@ -380,8 +382,8 @@ def _draw_plan(seed: int) -> Plan:
         segments=segments,
         snapshots=snapshots,
         steps=steps,
-        per_task=rng.choice([1, 2, lake.OBJECTS_PER_TASK]),
-        per_commit=rng.choice([1, 3, lake.OBJECTS_PER_COMMIT]),
+        per_task=rng.choice([1, 2, preparation.OBJECTS_PER_TASK]),
+        per_commit=rng.choice([1, 3, merge.OBJECTS_PER_COMMIT]),
         open_tables=rng.random() < 0.5,
     )
 
@@ -398,8 +400,8 @@ def test_random_history_merged_in_any_order_batches_replays_and_backfill(
     seed, lake_settings, sample_bytes, monkeypatch
 ) -> None:
     plan = _draw_plan(seed)
-    monkeypatch.setattr(lake, "OBJECTS_PER_TASK", plan.per_task)
-    monkeypatch.setattr(lake, "OBJECTS_PER_COMMIT", plan.per_commit)
+    monkeypatch.setattr(preparation, "OBJECTS_PER_TASK", plan.per_task)
+    monkeypatch.setattr(merge, "OBJECTS_PER_COMMIT", plan.per_commit)
     world = Lake(lake_settings, _sample_records(sample_bytes, plan.segments), plan.snapshots, seed)
     open_tables = lake.OpenTables(world.settings) if plan.open_tables else None
     done: list[str] = []
@@ -503,9 +505,9 @@ POINT_IDS = [f"{when}-{what}" for when, what in POINTS]
 
 
 def _hook_commit(monkeypatch: pytest.MonkeyPatch, around: Callable[[str, str, Any], Iterator[None]]) -> None:
-    """Wrap `lake._commit`: the generator `around(what, table)` runs to its first `yield` before each table
-    write, and on to its second after it (so it can block or raise at either point)."""
-    original = lake._commit
+    """Wrap `writes.commit_with_retries`: the generator `around(what, table)` runs to its first `yield` before
+    each table write, and on to its second after it (so it can block or raise at either point)."""
+    original = writes.commit_with_retries
 
     def commit(table: Any, action: Callable[[], Any], what: str) -> Any:
         steps = around(what, table)
@@ -514,7 +516,7 @@ def _hook_commit(monkeypatch: pytest.MonkeyPatch, around: Callable[[str, str, An
         next(steps, None)
         return result
 
-    monkeypatch.setattr(lake, "_commit", commit)
+    monkeypatch.setattr(writes, "commit_with_retries", commit)
 
 
 def _assert_exact(world: Lake, context: str) -> None:

@@ -20,7 +20,7 @@ import pytest
 from tests.marts.handmade import HandmadeLake, Segment, utc
 from trafficwatch import health, lake, serving
 from trafficwatch.config import Settings
-from trafficwatch.landing import quarantine, raw_key
+from trafficwatch.raw import list_raw, quarantine, raw_key
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def merge_log(settings: Settings) -> dict[str, dict]:
 
 def landed(settings: Settings) -> dict[str, datetime]:
     s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
-    return {obj.key: obj.landed_at for obj in lake.list_raw(s3, settings.bucket)}
+    return {obj.key: obj.landed_at for obj in list_raw(s3, settings.bucket)}
 
 
 def test_build_log_snapshots_rejects_and_quarantine_over_three_publishes(

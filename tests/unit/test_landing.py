@@ -7,7 +7,7 @@ import hashlib
 from datetime import UTC, datetime
 
 from tests.unit.conftest import BUCKET
-from trafficwatch import landing
+from trafficwatch import landing, raw
 from trafficwatch.source import FetchedSnapshot, normalize_payload
 
 
@@ -23,9 +23,9 @@ def _fetched(body: bytes, mode: str = "exports") -> FetchedSnapshot:
 
 def test_raw_key_is_the_upstream_datetime_in_utc() -> None:
     measured_at = datetime(2024, 8, 26, 10, 43, tzinfo=UTC)
-    key = landing.raw_key(measured_at)
+    key = raw.raw_key(measured_at)
     assert key == "raw/date=2024-08-26/20240826T104300Z.json.gz"
-    assert landing.measured_at_of(key) == measured_at
+    assert raw.measured_at_of(key) == measured_at
 
 
 def test_land_writes_the_payload_unchanged_once(s3, sample_bytes: bytes) -> None:
@@ -51,7 +51,7 @@ def test_land_writes_the_payload_unchanged_once(s3, sample_bytes: bytes) -> None
 
 def test_a_racing_writer_cannot_overwrite_a_landed_snapshot(s3, sample_bytes: bytes, monkeypatch) -> None:
     fetched = _fetched(sample_bytes)
-    s3.put_object(Bucket=BUCKET, Key=landing.raw_key(fetched.snapshot.measured_at), Body=b"first writer")
+    s3.put_object(Bucket=BUCKET, Key=raw.raw_key(fetched.snapshot.measured_at), Body=b"first writer")
     # The other poller checked before the first one wrote: only the conditional put stands between them.
     monkeypatch.setattr(landing, "is_landed", lambda *args: False)
     result = landing.land(s3, BUCKET, fetched)
@@ -60,7 +60,7 @@ def test_a_racing_writer_cannot_overwrite_a_landed_snapshot(s3, sample_bytes: by
 
 
 def test_quarantine_keeps_body_reason_and_time(s3) -> None:
-    key = landing.quarantine(s3, BUCKET, b"<html>oops</html>", "not JSON: HTTP 200 with text/html", "http://x", "v1")
+    key = raw.quarantine(s3, BUCKET, b"<html>oops</html>", "not JSON: HTTP 200 with text/html", "http://x", "v1")
     assert key.startswith("quarantine/date=")
     assert "_v1_not-json-http-200-with-text-html" in key
     stored = s3.get_object(Bucket=BUCKET, Key=key)

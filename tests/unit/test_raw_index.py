@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from tests.unit.conftest import BUCKET
-from trafficwatch.lake import RawIndex, list_raw
-from trafficwatch.landing import raw_key
+from trafficwatch.raw import RawIndex, list_raw, raw_key
 
 T0 = datetime(2024, 8, 26, 10, 0, tzinfo=UTC)
 

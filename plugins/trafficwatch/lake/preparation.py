@@ -1,0 +1,188 @@
+"""Preparing raw objects for a merge, the CPU-heavy half of it: download, gunzip, normalize, validate and
+deduplicate them, in this process or, for many objects, in spawned worker processes (`prepared_tasks`)."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import multiprocessing
+import os
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+
+from trafficwatch import storage
+from trafficwatch.config import Settings
+from trafficwatch.lake.geometry import GEOMETRY_TYPE
+from trafficwatch.lake.schema import OBSERVATIONS, SCHEMAS, SEGMENT_ATTRIBUTES, UTC_US
+from trafficwatch.lake.validation import dedupe, validate
+from trafficwatch.raw import RawObject, key_time
+from trafficwatch.source import SnapshotRules, SourceError, check_plausible, normalize_payload
+
+
+@dataclass
+class ObjectCounts:
+    """What one raw object gave: its records, accepted, rejected and duplicate rows (all 0 if unreadable)."""
+
+    obj: RawObject
+    measured_at: datetime | None  # None: the key names no snapshot time
+    records: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    error: str | None = None
+    body: bytes | None = None  # the unreadable payload, for quarantine
+
+
+@dataclass
+class Prepared:
+    """Raw objects read, validated and deduplicated, ready to merge.
+
+    `observations`: accepted rows with the observation columns (not yet `merged_at` and `attributes_hash`)
+    and `fingerprint`, a fast in-process hash of the segment's attributes. `versions`: the segment
+    attributes of accepted rows, keeping per segment only the rows where they differ from its previous row
+    in these objects (a day of snapshots holds the same geometry 1,440 times), with the same `fingerprint`.
+    """
+
+    observations: pl.DataFrame
+    versions: pl.DataFrame
+    rejected: pl.DataFrame
+    counts: list[ObjectCounts]
+
+
+VERSION_COLUMNS = ("segment_key", "measured_at", "source_key", *SEGMENT_ATTRIBUTES, "geometry_type", "fingerprint")
+PREPARED_COLUMNS = [c for c in SCHEMAS[OBSERVATIONS] if c not in ("merged_at", "attributes_hash")] + ["fingerprint"]
+FINGERPRINT = pl.struct(list(SEGMENT_ATTRIBUTES)).hash()  # stable within one polars version, never stored
+OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minutes, so versions collapse
+# Fewer objects are prepared in this process. A spawned worker costs 1-5 s to start (under Airflow it
+# imports Airflow again), ~20 s of parsing here pays for that many times over.
+PROCESSES_FROM = 240
+
+
+def gunzip(data: bytes) -> bytes:
+    """`gzip.decompress`, about twice as fast for the single-member files the ingest writes (zlib does it
+    in one call); other files (several members, truncated, not gzip) go the standard way, or fail there."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        body = inflater.decompress(data)
+    except zlib.error:
+        body = b""
+    if inflater.eof and not inflater.unused_data:
+        return body
+    return gzip.decompress(data)
+
+
+def _download(s3: Any, bucket: str, obj: RawObject) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=obj.key)["Body"].read()
+
+
+def collapse_versions(versions: pl.DataFrame, by: str = "fingerprint") -> pl.DataFrame:
+    """Per segment, in time order, drop rows whose attributes (their `by` hash) equal the previous row's."""
+    if versions["segment_key"].n_unique() == versions.height:  # one snapshot: nothing to collapse
+        return versions
+    versions = versions.sort(["segment_key", "measured_at"])
+    return versions.filter(pl.col(by).ne_missing(pl.col(by).shift(1).over("segment_key")))
+
+
+def _read_object(obj: RawObject, compressed: bytes, rules: SnapshotRules) -> tuple[datetime, pl.DataFrame]:
+    """One raw object as a normalized frame, or SourceError (with the body to keep) saying why it cannot be."""
+    keyed_at = key_time(obj.key)
+    if keyed_at is None:
+        raise SourceError(f"{obj.key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ.json.gz)")
+    try:
+        body = gunzip(compressed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"not a gzip file: {exc}") from None
+    snapshot = normalize_payload(body)
+    if snapshot.measured_at != keyed_at:
+        raise SourceError(
+            f"the key says {keyed_at:%Y-%m-%dT%H:%M:%SZ} but the snapshot's datetime is "
+            f"{snapshot.measured_at:%Y-%m-%dT%H:%M:%SZ}",
+            body,
+        )
+    try:
+        check_plausible(snapshot, obj.landed_at, "landing", rules)
+    except SourceError as error:
+        raise SourceError(error.reason, body) from None
+    frame = snapshot.frame.with_columns(
+        pl.lit(obj.key).alias("source_key"), pl.lit(obj.landed_at, dtype=UTC_US).alias("landed_at")
+    )
+    return snapshot.measured_at, frame
+
+
+def prepare(s3: Any, bucket: str, objects: list[RawObject], rules: SnapshotRules) -> Prepared:
+    """Download, gunzip, normalize, validate and deduplicate raw objects; the CPU-heavy half of a merge.
+
+    An object that cannot be read as a plausible snapshot, whatever it holds, comes back as an error with
+    its body (for quarantine); it never stops the others.
+    """
+    with ThreadPoolExecutor(max_workers=4) as pool:  # downloads wait on the network, not the CPU
+        bodies = list(pool.map(lambda obj: _download(s3, bucket, obj), objects))
+    observations, versions, rejected, counts = [], [], [], []
+    for obj, compressed in zip(objects, bodies, strict=True):
+        try:
+            measured_at, frame = _read_object(obj, compressed, rules)
+            accepted, bad = validate(frame)
+            unique, dropped = dedupe(accepted)
+        except SourceError as error:
+            counts.append(ObjectCounts(obj, key_time(obj.key), error=error.reason, body=error.body or compressed))
+            continue
+        except Exception as exc:  # whatever else a payload can do: keep it, name it, go on
+            reason = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            counts.append(ObjectCounts(obj, key_time(obj.key), error=reason, body=compressed))
+            continue
+        duplicates = int(dropped["duplicate_rows"].sum()) if dropped.height else 0
+        counts.append(ObjectCounts(obj, measured_at, frame.height, unique.height, bad.height, duplicates))
+        unique = unique.with_columns(
+            pl.col("measured_at").dt.date().alias("measured_date"),
+            pl.col("geometry").alias("geometry_geojson"),
+            GEOMETRY_TYPE.alias("geometry_type"),
+        ).with_columns(FINGERPRINT.alias("fingerprint"))
+        observations.append(unique.select(PREPARED_COLUMNS))
+        versions.append(unique.select(VERSION_COLUMNS))
+        if bad.height:
+            rejected.append(bad)
+    obs_schema = {c: SCHEMAS[OBSERVATIONS].get(c, pl.UInt64()) for c in PREPARED_COLUMNS}
+    return Prepared(
+        observations=pl.concat(observations) if observations else pl.DataFrame(schema=obs_schema),
+        versions=collapse_versions(pl.concat(versions)) if versions else pl.DataFrame(),
+        rejected=pl.concat(rejected, how="vertical_relaxed") if rejected else pl.DataFrame(),
+        counts=counts,
+    )
+
+
+_worker_s3: Any = None
+
+
+def _prepare_in_worker(settings: Settings, objects: list[RawObject]) -> Prepared:
+    global _worker_s3
+    if _worker_s3 is None:
+        _worker_s3 = storage.s3_client(settings)
+    return prepare(_worker_s3, settings.bucket, objects, SnapshotRules.of(settings))
+
+
+def prepared_tasks(settings: Settings, s3: Any, objects: list[RawObject]) -> Iterator[Prepared]:
+    """`prepare` over the objects, in order, OBJECTS_PER_TASK at a time.
+
+    Many objects (a backlog, a backfill) are prepared by worker processes, one per core and one more: parsing is pure
+    Python work that one process's GIL would serialize. Workers are spawned, never forked: this process
+    holds threads (delta-rs, boto3) that a fork would copy in an unknown state.
+    """
+    tasks = [objects[i : i + OBJECTS_PER_TASK] for i in range(0, len(objects), OBJECTS_PER_TASK)]
+    cores = os.cpu_count() or 1
+    if len(objects) < PROCESSES_FROM or cores < 2:
+        for task in tasks:
+            yield prepare(s3, settings.bucket, task, SnapshotRules.of(settings))
+        return
+    # One more worker than cores: while one waits for its downloads, the others keep the cores busy.
+    workers = min(cores + 1, len(tasks), 5)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(_prepare_in_worker, itertools.repeat(settings), tasks)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
