@@ -18,7 +18,8 @@ import pytest
 from tests.support.environ import environ
 from trafficwatch import services
 from trafficwatch.config import Settings, load_settings
-from trafficwatch.feed import FeedConfig, FeedServer, start_in_thread
+from trafficwatch_dev.feed import FeedConfig, FeedServer, start_in_thread
+from trafficwatch_dev.snapshots import DEFAULT_BASE
 
 REPO = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration once, at import: point it at a throwaway home before any test imports it.
@@ -32,7 +33,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 # .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
 os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"
 
-SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "trafficwatch" / "data" / "rennes_base_snapshot.json.gz"
+SAMPLE = DEFAULT_BASE
 SAMPLE_RECORDS = 2859
 
 

@@ -23,7 +23,8 @@ import pytest
 from tests.marts.fixtures import build_serving_db, pipeline_settings
 from tests.support.environ import environ
 from trafficwatch import services
-from trafficwatch.feed import DEFAULT_BASE, Simulator, load_snapshot
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 SUPERSET_PYTHON = REPO / ".venv-superset" / "bin" / "python"
