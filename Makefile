@@ -8,6 +8,8 @@ VENV := .venv
 UV_VERSION := 0.13.9
 ENV := source scripts/env.sh &&
 TW := $(VENV)/bin/trafficwatch
+# devtools/: the local feed and the demo's simulated history (`make install` installs it beside the pipeline).
+TW_DEV := $(VENV)/bin/trafficwatch-dev
 # The demo feed publishes a new simulated snapshot every minute, in real time.
 DEMO_FEED_ARGS ?= --interval 60
 
@@ -22,15 +24,15 @@ help: ## list the targets
 
 install: $(VENV)/.installed ## build the pipeline environment from the pins (idempotent)
 
-$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml devtools/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -r requirements.txt -c requirements.lock -e .
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -r requirements.txt -c requirements.lock -e . -e devtools
 	touch $@
 
 lint: install ## ruff on the code
-	$(VENV)/bin/ruff check dags plugins tests superset bench
-	$(VENV)/bin/ruff format --check dags plugins tests superset bench
+	$(VENV)/bin/ruff check dags plugins devtools tests superset bench
+	$(VENV)/bin/ruff format --check dags plugins devtools tests superset bench
 
 # Tests start their own S3 server, feed and Airflow home on free ports: they never touch .data/.
 test: install superset-install browser-install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
@@ -83,7 +85,7 @@ status: ## what runs, and where; the pipeline's lag (newest landed snapshot vs t
 	  echo "Airflow UI:   http://127.0.0.1:$$TRAFFICWATCH_AIRFLOW_PORT  (user admin, password in $$TRAFFICWATCH_HOME/secrets.env)"; \
 	  echo "Local S3:     $$AWS_ENDPOINT_URL  bucket $$TRAFFICWATCH_BUCKET"; \
 	  echo "Logs:         $$TRAFFICWATCH_HOME/logs/"; \
-	  $(TW) history status || true
+	  $(TW_DEV) history status || true
 	@$(ENV) echo "Pipeline lag: (trafficwatch lag)"; $(TW) lag || true
 
 clean-data: stop ## delete the local data directory (.data/): lake, S3 objects, Airflow DB

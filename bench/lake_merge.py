@@ -24,7 +24,7 @@ peak; a single merge's is the peak during the call (VmHWM reset through /proc/se
 
 How the data is made
 --------------------
-- Snapshots: the local feed (`trafficwatch.feed`: the simulator evolving the real base snapshot, seed 0,
+- Snapshots: the local feed (`trafficwatch_dev.feed`: the simulator evolving the real base snapshot, seed 0,
   one snapshot a minute from 2024-08-26 00:00 UTC) served on loopback, fetched and landed by
   `landing.ingest`: the exports/json body the feed serves, gzipped under `raw.raw_key` with its
   metadata, exactly as production lands it. A backfill run gets server-side copies of them.
@@ -82,8 +82,8 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from trafficwatch import lake, landing, operate, raw, services, storage, worker
 from trafficwatch.config import REPO_ROOT, Settings, load_settings
-from trafficwatch.feed import FeedConfig, start_in_thread
 from trafficwatch.source import Client
+from trafficwatch_dev.feed import FeedConfig, start_in_thread
 
 DAY = datetime(2024, 8, 26, tzinfo=UTC)  # the base snapshot's day (a Monday), from 00:00 UTC
 MINUTES = 1440

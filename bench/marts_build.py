@@ -61,6 +61,10 @@ import polars as pl
 from trafficwatch import lake, services, serving, worker
 from trafficwatch.config import Settings
 
+# Run as a script (sys.path[0] is bench/): the repository root, for the environment helper the tests use.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.environ import environ
+
 HISTORY_DAYS = 30
 DEFAULT_CYCLES = 5  # per series: the lake bench lands 23 new snapshots (2 x 5 + 1 needed)
 TARGET_CYCLE_S = 10.0
@@ -227,19 +231,13 @@ def _late_day_child(root: str) -> dict[str, Any]:
 def running_worker(root: Path) -> Iterator[None]:
     """`trafficwatch worker` for the history bucket and the working copy, as `make demo` runs it."""
     settings = history_settings(root)
-    saved = {name: os.environ.get(name) for name in ("TRAFFICWATCH_HOME", "TRAFFICWATCH_BUCKET")}
-    os.environ.update(TRAFFICWATCH_HOME=str(root), TRAFFICWATCH_BUCKET=settings.bucket)
     service = services.worker(worker.socket_path(settings))
-    try:
-        services.start(service, root)
-        yield
-    finally:
-        services.stop(root, service.name)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environ({"TRAFFICWATCH_HOME": str(root), "TRAFFICWATCH_BUCKET": settings.bucket}):
+        try:
+            services.start(service, root)
+            yield
+        finally:
+            services.stop(root, service.name)
 
 
 def summary(cycles: list[dict[str, Any]]) -> str:

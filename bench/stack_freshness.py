@@ -6,7 +6,8 @@ it publishes as fast as the ingest fetches, one a minute), polls the serving fil
 as the dashboards read it, and samples the memory of the running stack (sum of RSS, and of PSS, of every
 process in the services' process groups) every 5 s. Prints one line per snapshot, the median and p95,
 where the time went (merge sensor, merge, marts build), the memory; writes everything to --json; then
-`make down`. The same code as the end-to-end test (trafficwatch.operate). Figures only: nothing is asserted.
+`make down`. The same code as the end-to-end test (tests/support/stack.py and freshness.py). Figures only:
+nothing is asserted.
 
     source scripts/env.sh && .venv/bin/python bench/stack_freshness.py --json /tmp/stack.json
 """
@@ -23,12 +24,17 @@ from typing import Any
 
 from trafficwatch import operate
 
+# Run as a script (sys.path[0] is bench/): the repository root, for the stack driver the end-to-end test uses.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import freshness
+from tests.support.stack import LocalStack, write_json
+
 # The feed's clock stopped: the pacer moves it on once its snapshot has landed.
 FEED_ARGS = "--interval 60 --speed 0.000001"
 MIB = 2**20
 
 
-def measure(stack: operate.LocalStack, snapshots: int) -> dict[str, Any]:
+def measure(stack: LocalStack, snapshots: int) -> dict[str, Any]:
     up_s = stack.up()
     print(f"make demo: {up_s:.0f} s; timing {snapshots} snapshots (about a minute each)", flush=True)
     watcher = stack.watcher().start()
@@ -37,13 +43,13 @@ def measure(stack: operate.LocalStack, snapshots: int) -> dict[str, Any]:
     finally:
         watcher.stop()
     measured = watcher.measured()
-    summary = operate.freshness_summary(measured)
+    summary = freshness.freshness_summary(measured)
     rows = stack.breakdown(measured)
     rss = [sample.rss_bytes for sample in watcher.samples]
     pss = [sample.pss_bytes for sample in watcher.samples]
     peak = max(watcher.samples, key=lambda sample: sample.rss_bytes)
-    print(operate.format_freshness(summary))
-    print("where the time went (s): landed -> " + operate.format_breakdown(rows))
+    print(freshness.format_freshness(summary))
+    print("where the time went (s): landed -> " + freshness.format_breakdown(rows))
     print(
         f"memory of the running stack ({len(rss)} samples): RSS median {statistics.median(rss) / MIB:,.0f} MiB, "
         f"peak {max(rss) / MIB:,.0f} MiB; PSS median {statistics.median(pss) / MIB:,.0f} MiB, "
@@ -89,7 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     settings = dict(args.env)
     home = args.home or Path(tempfile.mkdtemp(prefix="tw-stack-bench-"))
-    stack = operate.LocalStack.on_free_ports(home, FEED_ARGS, extra_env=settings)
+    stack = LocalStack.on_free_ports(home, FEED_ARGS, extra_env=settings)
     figures: dict[str, Any] = {"home": str(stack.home), "settings": settings}
     try:
         figures.update(measure(stack, args.snapshots))
@@ -99,7 +105,7 @@ def main() -> int:
         finally:
             operate.stop_all(stack.home)  # in case make down itself failed
             if args.json:
-                operate.write_json(args.json, figures)
+                write_json(args.json, figures)
                 print(f"figures: {args.json}")
             if not args.home:
                 shutil.rmtree(home, ignore_errors=True)

@@ -15,9 +15,11 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.support.environ import environ
 from trafficwatch import services
 from trafficwatch.config import Settings, load_settings
-from trafficwatch.feed import FeedConfig, FeedServer, start_in_thread
+from trafficwatch_dev.feed import FeedConfig, FeedServer, start_in_thread
+from trafficwatch_dev.snapshots import DEFAULT_BASE
 
 REPO = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration once, at import: point it at a throwaway home before any test imports it.
@@ -31,7 +33,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 # .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
 os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"
 
-SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "trafficwatch" / "data" / "rennes_base_snapshot.json.gz"
+SAMPLE = DEFAULT_BASE
 SAMPLE_RECORDS = 2859
 
 
@@ -53,20 +55,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real SeaweedFS S3 server for this test session, on free loopback ports, with random keys."""
     home = tmp_path_factory.mktemp("s3home")
     keys = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
-    saved = {name: os.environ.get(name) for name in keys}
-    os.environ.update(keys)
-    # A bucket per test: far more buckets (each its own volumes) than the default cap allows.
-    service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch", max_volumes=5000)
-    services.start(service, home)
-    try:
-        yield service.url
-    finally:
-        services.stop(home, service.name)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environ(keys):
+        # A bucket per test: far more buckets (each its own volumes) than the default cap allows.
+        service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch", max_volumes=5000)
+        services.start(service, home)
+        try:
+            yield service.url
+        finally:
+            services.stop(home, service.name)
 
 
 @pytest.fixture

@@ -13,13 +13,14 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from trafficwatch import errors, localenv, services
 from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
+# `feed` and `history` are the development commands of `trafficwatch-dev` (devtools/), run through `run`.
 SERVICES = ("worker", "feed", "history")
 _held: _HeldLog | None = None
 _stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's own lines (see _other_output_to)
@@ -139,26 +140,6 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _cmd_feed(args: argparse.Namespace) -> int:
-    from trafficwatch import feed
-
-    config = feed.FeedConfig(
-        port=args.port,
-        files=tuple(args.files),
-        base=args.base,
-        interval_s=args.interval,
-        speed=args.speed,
-        start=args.start,
-        seed=args.seed,
-        fault=args.fault,
-        fault_count=args.fault_count,
-        retry_after_s=args.retry_after,
-        slow_s=args.slow_seconds,
-    )
-    feed.serve(config)
-    return 0
-
-
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from trafficwatch import landing
 
@@ -182,22 +163,6 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=_stderr)
         return 2
     _say(lake.backfill(load_settings(), args.start, args.end).summary())
-    return 0
-
-
-def _cmd_history(args: argparse.Namespace) -> int:
-    from trafficwatch import history
-
-    settings = load_settings()
-    if args.action == "status":
-        _say(history.status_line(settings))
-        return 0
-    days = history.days_from_env() if args.days is None else args.days
-    if days <= 0:
-        _say(f"history: nothing to seed ({history.DAYS_VARIABLE}=0)")
-        return 0
-    os.nice(history.NICE)  # background work: the live minute goes first
-    history.seed(settings, days, seed=args.seed)
     return 0
 
 
@@ -313,40 +278,21 @@ def _cmd_service(args: argparse.Namespace) -> int:
     return 0
 
 
-def _iso(value: str) -> datetime:
-    return datetime.fromisoformat(value)
-
-
 def _utc(value: str) -> datetime:
     """An ISO 8601 time; without an offset it is taken as UTC."""
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trafficwatch", description=__doc__)
+def command_parser(prog: str, description: str | None) -> tuple[argparse.ArgumentParser, Any]:
+    """A command's parser with -v and its subcommands (add them with `.add_parser`), as `run` expects."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    feed = commands.add_parser(
-        "feed",
-        help="serve the Opendatasoft API locally from snapshot files or a simulator",
-        description="Serve the three Rennes traffic endpoints (exports, records, v1) on 127.0.0.1, from "
-        "snapshot files given in order (one per upstream interval) or, without files, from a simulator "
-        "evolving a real base snapshot. Control: GET /_feed/state, POST /_feed/advance, POST /_feed/fault.",
-    )
-    feed.add_argument("files", nargs="*", type=Path, help="exports/json snapshot files, served in order")
-    feed.add_argument("--port", type=int, default=8090, help="port on 127.0.0.1 (default 8090)")
-    feed.add_argument("--base", type=Path, help="simulator base snapshot (default: the packaged real one)")
-    feed.add_argument("--interval", type=float, default=180.0, help="upstream interval, simulated s")
-    feed.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
-    feed.add_argument("--start", type=_iso, help="simulated start time, ISO 8601 (default: now)")
-    feed.add_argument("--seed", type=int, default=0, help="simulator seed")
-    feed.add_argument("--fault", help="misbehave: http500, http429, slow, truncated, html200, empty, ...")
-    feed.add_argument("--fault-count", type=int, help="misbehave on the next N data requests only")
-    feed.add_argument("--retry-after", type=int, default=2, help="Retry-After seconds for http429")
-    feed.add_argument("--slow-seconds", type=float, default=30.0, help="delay of the slow fault")
-    feed.set_defaults(func=_cmd_feed)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, commands = command_parser("trafficwatch", __doc__)
 
     ingest = commands.add_parser(
         "ingest",
@@ -450,21 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     down.set_defaults(func=_cmd_down)
 
-    history = commands.add_parser(
-        "history",
-        help="demo: land simulated past snapshots under raw/ for the merge and build to take; or how far that got",
-        description="seed: land the local feed simulator's snapshots of the last --days days (default "
-        "DEMO_HISTORY_DAYS, else 14), one every 3 minutes, newest first, under raw/ as the ingest lands live ones; "
-        "keys already landed are left alone (a rerun lands only what is missing). After each day, the worker (if "
-        "running) lists raw/ again, so traffic_merge and traffic_marts take the day at once. Progress in "
-        "$TRAFFICWATCH_HOME/demo-history.json. status: one line saying how far it got. `make demo` runs it as "
-        "the service `history`.",
-    )
-    history.add_argument("action", choices=("seed", "status"))
-    history.add_argument("--days", type=int, help="days of history (default: DEMO_HISTORY_DAYS, else 14)")
-    history.add_argument("--seed", type=int, default=0, help="simulator seed: the demo feed's (default 0)")
-    history.set_defaults(func=_cmd_history)
-
     maintain = commands.add_parser(
         "maintain",
         help="compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)",
@@ -484,8 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A failure is one line on stderr naming its cause, exit 1; its traceback goes to the
-    log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log).
+    """The `trafficwatch` console script: one command of `build_parser`, see `run`."""
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Run one command of `parser` (this module's, or `trafficwatch-dev`'s). A failure is one line on stderr
+    naming its cause, exit 1; its traceback goes to the log file ($TRAFFICWATCH_HOME/logs/trafficwatch.log).
 
     From the console script (no `argv`), in a checkout, the settings missing from the environment come from
     the repository's .env, the generated secrets and the local defaults, as `source scripts/env.sh` gives
@@ -493,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     (tests, in-process), the environment is left as it is."""
     global _stderr
     _stderr = sys.stderr
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     added: dict[str, str] = {}
     if argv is None:  # the console script: in a checkout, the local settings of the make targets (localenv)
         try:

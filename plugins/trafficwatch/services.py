@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import ipaddress
 import json
 import os
@@ -222,9 +223,18 @@ def write_seaweedfs_security(directory: Path, installed_at: Path | None = None) 
     return path
 
 
+def dev_command(*args: str) -> list[str]:
+    """`trafficwatch-dev ARGS`, the development package (devtools/: the local feed and the demo's history),
+    run by this environment's Python. `make install` installs it beside the pipeline; the image does not."""
+    if importlib.util.find_spec("trafficwatch_dev") is None:
+        raise RuntimeError(f"`trafficwatch-dev` is not installed in {sys.prefix}: run `make install`")
+    return [sys.executable, "-m", "trafficwatch_dev.cli", *args]
+
+
 def feed(port: int, args: list[str]) -> Service:
+    """`trafficwatch-dev feed`: the local imitation of the Rennes API (devtools/trafficwatch_dev/feed.py)."""
     url = f"http://127.0.0.1:{port}"
-    command = [venv_bin("trafficwatch"), "feed", "--port", str(port), *args]
+    command = dev_command("feed", "--port", str(port), *args)
     return Service("feed", command, http_ok(f"{url}/health"), url)
 
 
@@ -244,9 +254,9 @@ def worker(socket_path: Path) -> Service:
 
 
 def history(bucket: str) -> Service:
-    """`trafficwatch history seed`: the demo's simulated history landed under raw/ (history.py); it ends when
-    every day is landed."""
-    command = [venv_bin("trafficwatch"), "history", "seed"]
+    """`trafficwatch-dev history seed`: the demo's simulated history landed under raw/
+    (devtools/trafficwatch_dev/history.py); it ends when every day is landed."""
+    command = dev_command("history", "seed")
     return Service("history", command, lambda: True, f"s3://{bucket}/raw/")
 
 

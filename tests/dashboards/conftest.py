@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.marts.fixtures import build_serving_db, pipeline_settings
+from tests.support.environ import environ
 from trafficwatch import services
-from trafficwatch.feed import DEFAULT_BASE, Simulator, load_snapshot
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 SUPERSET_PYTHON = REPO / ".venv-superset" / "bin" / "python"
@@ -114,31 +116,21 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
         "TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD": secrets.token_urlsafe(18),
         "TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD": secrets.token_urlsafe(18),
     }
-    saved = {
-        name: os.environ.get(name) for name in (*settings, "TRAFFICWATCH_SUPERSET_PUBLIC", "SUPERSET_DATABASE_URI")
-    }
-    os.environ.update(settings)
-    os.environ.pop("TRAFFICWATCH_SUPERSET_PUBLIC", None)
-    os.environ.pop("SUPERSET_DATABASE_URI", None)
-    instance = SupersetInstance(
-        url=f"http://127.0.0.1:{port}",
-        home=home,
-        env=dict(os.environ),
-        viewer_password=settings["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"],
-        admin_password=settings["TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD"],
-        operator_password=settings["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"],
-    )
-    try:
-        run_bootstrap(instance.env)
-        services.start(services.superset(port, REPO), home)
-        yield instance
-    finally:
-        services.stop(home, "superset")
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environ({**settings, "TRAFFICWATCH_SUPERSET_PUBLIC": None, "SUPERSET_DATABASE_URI": None}):
+        instance = SupersetInstance(
+            url=f"http://127.0.0.1:{port}",
+            home=home,
+            env=dict(os.environ),
+            viewer_password=settings["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"],
+            admin_password=settings["TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD"],
+            operator_password=settings["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"],
+        )
+        try:
+            run_bootstrap(instance.env)
+            services.start(services.superset(port, REPO), home)
+            yield instance
+        finally:
+            services.stop(home, "superset")
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ from tests.dashboards.test_live_traffic import (
     log_in,
     screenshot_dashboard,
 )
+from tests.support.stack import LocalStack
 from trafficwatch import operate
 
 pytestmark = [
@@ -65,9 +66,9 @@ EMPTY_CHARTS = f"""() => Array.from(document.querySelectorAll('[data-test-chart-
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operate.LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("demo-history")
-    stack = operate.LocalStack.on_free_ports(home, extra_env={"DEMO_HISTORY_DAYS": HISTORY_DAYS})
+    stack = LocalStack.on_free_ports(home, extra_env={"DEMO_HISTORY_DAYS": HISTORY_DAYS})
     try:
         stack.up()
         yield stack
@@ -75,12 +76,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operate.LocalSta
         stack.down()
 
 
-def newest_shown(stack: operate.LocalStack) -> datetime | None:
+def newest_shown(stack: LocalStack) -> datetime | None:
     shown, _ = operate.served_latest(stack.serving_db)
     return shown
 
 
-def past_days_shown(stack: operate.LocalStack) -> int:
+def past_days_shown(stack: LocalStack) -> int:
     """Whole local days (23 hours or more: a clock change day has 23) before the newest one in the network's
     hourly congestion mart of the serving file."""
     if not stack.serving_db.is_file():
@@ -93,7 +94,7 @@ def past_days_shown(stack: operate.LocalStack) -> int:
     return days
 
 
-def wait_for_history(stack: operate.LocalStack, days: int, deadline: float) -> int:
+def wait_for_history(stack: LocalStack, days: int, deadline: float) -> int:
     shown = past_days_shown(stack)
     while shown < days and time.monotonic() < deadline:
         time.sleep(10)
@@ -123,7 +124,7 @@ def screenshot(page, name: str, dashboard: str) -> None:
 
 
 def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
-    stack: operate.LocalStack,
+    stack: LocalStack,
     browser,  # noqa: F811  (the fixture imported above)
     e2e_report: list[str],
 ) -> None:

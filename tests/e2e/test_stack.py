@@ -2,7 +2,7 @@
 
 `make demo` starts S3, the feed, the worker, Airflow and Superset; Airflow's own scheduler then runs the
 ingest every minute, the merge on its sensor and the marts build after every merge. The feed's clock is
-stopped and the test moves it to its next snapshot once the current one has landed (`operate.pace_feed`):
+stopped and the test moves it to its next snapshot once the current one has landed (`freshness.pace_feed`):
 upstream publishes as fast as the ingest fetches, one snapshot a minute, and none can be missed by the
 phase between the two. Then `make down` in the middle and `make demo` again on the same home, and a last
 `make down` that must leave no process behind.
@@ -30,6 +30,8 @@ import requests
 from deltalake import DeltaTable
 
 from tests.conftest import REPO
+from tests.support import freshness
+from tests.support.stack import LocalStack, write_json
 from trafficwatch import lake, operate
 from trafficwatch.landing import measured_at_of, raw_key
 
@@ -46,7 +48,7 @@ RESULTS = REPO / "test-artifacts" / "e2e_stack.json"
 
 @dataclass
 class E2E:
-    stack: operate.LocalStack
+    stack: LocalStack
     report: list[str]
     groups: dict[str, int] = field(default_factory=dict)  # every service process group seen in this module
     figures: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +58,7 @@ class E2E:
         """Keep a figure and write all of them to the home and to test-artifacts/ (partial runs included)."""
         self.figures[name] = value
         for path in (self.stack.home / "e2e_stack.json", RESULTS):
-            operate.write_json(path, self.figures)
+            write_json(path, self.figures)
 
     def up(self) -> float:
         seconds = self.stack.up()
@@ -69,7 +71,7 @@ class E2E:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory, e2e_report: list[str]) -> Iterator[E2E]:
     home = tmp_path_factory.mktemp("e2e") / "home"
-    state = E2E(operate.LocalStack.on_free_ports(home, FEED_ARGS), e2e_report)
+    state = E2E(LocalStack.on_free_ports(home, FEED_ARGS), e2e_report)
     try:
         yield state
     finally:
@@ -90,19 +92,19 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-def raw_objects(stack: operate.LocalStack) -> dict[str, dict[str, str]]:
+def raw_objects(stack: LocalStack) -> dict[str, dict[str, str]]:
     """Every landed raw key and its landing metadata."""
     s3, bucket = stack.s3(), stack.settings().bucket
     return {key: s3.head_object(Bucket=bucket, Key=key)["Metadata"] for key in operate.landed_snapshots(s3, bucket)}
 
 
-def table(stack: operate.LocalStack, name: str, columns: list[str]) -> pl.DataFrame:
+def table(stack: LocalStack, name: str, columns: list[str]) -> pl.DataFrame:
     options = stack.storage_options()
     delta = DeltaTable(lake.table_uri(stack.settings(), name), storage_options=options)
     return lake.scan_table(delta, options).select(columns).collect()
 
 
-def served(stack: operate.LocalStack) -> tuple[datetime, int]:
+def served(stack: LocalStack) -> tuple[datetime, int]:
     """Newest measured_at in segment_latest of the serving file, and how many segments show it."""
     with duckdb.connect(str(stack.serving_db), read_only=True) as con:
         latest, segments = con.execute(
@@ -112,7 +114,7 @@ def served(stack: operate.LocalStack) -> tuple[datetime, int]:
     return _utc(latest), segments
 
 
-def superset_latest(stack: operate.LocalStack) -> tuple[datetime, int]:
+def superset_latest(stack: LocalStack) -> tuple[datetime, int]:
     """Through Superset's chart data API as the viewer: the newest measured_at of the live map's dataset
     (segment_latest) and its segment count, bypassing Superset's cache."""
     session = requests.Session()
@@ -141,7 +143,7 @@ def superset_latest(stack: operate.LocalStack) -> tuple[datetime, int]:
     return datetime.fromtimestamp(newest["measured_at"] / 1000, UTC), newest["segments"]
 
 
-def assert_every_snapshot_served_once(stack: operate.LocalStack) -> dict[str, Any]:
+def assert_every_snapshot_served_once(stack: LocalStack) -> dict[str, Any]:
     """Raw objects, the lake, the serving file and Superset agree: each landed snapshot once, all of it."""
     objects = raw_objects(stack)
     times = sorted(measured_at_of(key) for key in objects)
@@ -178,15 +180,15 @@ def gaps(times: list[datetime]) -> list[timedelta]:
     return [step for step in steps if step != timedelta(minutes=1)]
 
 
-def report_freshness(e2e: E2E, watcher: operate.FreshnessWatcher, name: str) -> dict[str, Any]:
-    summary = operate.freshness_summary(watcher.measured())
+def report_freshness(e2e: E2E, watcher: freshness.FreshnessWatcher, name: str) -> dict[str, Any]:
+    summary = freshness.freshness_summary(watcher.measured())
     rows = e2e.stack.breakdown(watcher.measured())
     memory = [sample.as_dict() for sample in watcher.samples]
     peak = max(memory, key=lambda sample: sample["rss_bytes"], default=None)
     e2e.record(name, {**summary, "breakdown": rows, "memory_peak": peak, "poll_errors": watcher.errors[-5:]})
     e2e.report.append(f"freshness, {name} (landing in S3 -> visible in segment_latest of the serving file):")
-    e2e.report.extend("  " + line for line in operate.format_freshness(summary).splitlines())
-    e2e.report.extend("  " + line for line in operate.format_breakdown(rows).splitlines())
+    e2e.report.extend("  " + line for line in freshness.format_freshness(summary).splitlines())
+    e2e.report.extend("  " + line for line in freshness.format_breakdown(rows).splitlines())
     if peak:
         e2e.report.append(
             f"  stack memory (peak of {len(memory)} samples): RSS {peak['rss_bytes'] / 2**20:,.0f} MiB, "
@@ -225,7 +227,7 @@ def test_down_and_demo_again_in_the_middle_merge_every_snapshot_once(e2e: E2E, r
     before = set(raw_objects(stack))
     # One more snapshot, and the stack goes down the moment it lands: its merge and build are cut short.
     with contextlib.suppress(OSError):
-        operate.pace_feed(stack.feed_url, before)
+        freshness.pace_feed(stack.feed_url, before)
     deadline = time.monotonic() + 150
     while not (landed := set(raw_objects(stack)) - before):
         assert time.monotonic() < deadline, "the next snapshot did not land within 150 s"

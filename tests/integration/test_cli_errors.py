@@ -26,6 +26,7 @@ from trafficwatch.config import Settings
 pytestmark = pytest.mark.integration
 
 TRAFFICWATCH = str(Path(sys.executable).parent / "trafficwatch")
+TRAFFICWATCH_DEV = (sys.executable, "-m", "trafficwatch_dev.cli")  # the `trafficwatch-dev` console script's code
 BACKFILL = ("backfill", "--start", "2024-08-26", "--end", "2024-08-27")
 LAKE_COMMANDS = [("merge",), ("status",), ("lag",), ("maintain",), BACKFILL]
 NOT_A_TIME = "raw/date=2024-08-26/notatime.json.gz"
@@ -33,15 +34,15 @@ NOT_A_TIME = "raw/date=2024-08-26/notatime.json.gz"
 HEAD_FORBIDDEN = "S3 answered 403 Forbidden for bucket {bucket}: wrong keys, or the keys lack permission"
 
 
-def run(*args: str, **env: str | None) -> subprocess.CompletedProcess[str]:
-    """`trafficwatch ARGS` with the test's environment, changed by `env` (None: unset)."""
+def run(*args: str, program: tuple[str, ...] = (TRAFFICWATCH,), **env: str | None) -> subprocess.CompletedProcess[str]:
+    """`trafficwatch ARGS` (or `program` ARGS) with the test's environment, changed by `env` (None: unset)."""
     environ = os.environ.copy()
     for name, value in env.items():
         if value is None:
             environ.pop(name, None)
         else:
             environ[name] = value
-    return subprocess.run([TRAFFICWATCH, *args], capture_output=True, text=True, timeout=240, env=environ)
+    return subprocess.run([*program, *args], capture_output=True, text=True, timeout=240, env=environ)
 
 
 def one_line_failure(done: subprocess.CompletedProcess[str], settings: Settings) -> str:
@@ -194,7 +195,7 @@ def test_a_snapshot_file_that_is_not_json(s3_settings, tmp_path) -> None:
     snapshot.write_text('[{"datetime": "2024-08-26T12:43:00+02:00",')  # cut short
     with pytest.raises(json.JSONDecodeError) as parse:
         json.loads(snapshot.read_text())
-    line = one_line_failure(run("feed", "--port", "0", str(snapshot)), s3_settings)
+    line = one_line_failure(run("feed", "--port", "0", str(snapshot), program=TRAFFICWATCH_DEV), s3_settings)
     assert line == f"feed failed: {snapshot}: invalid JSON: {parse.value}"
 
 

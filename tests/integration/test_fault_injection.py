@@ -50,9 +50,9 @@ from tests.support.s3proxy import CUT, DROP_RESPONSE, HOOK, WRITES, S3Proxy
 from tests.support.warm import WarmProcesses
 from trafficwatch import lake, storage
 from trafficwatch.config import Settings, load_settings
-from trafficwatch.feed import FeedConfig, start_in_thread
 from trafficwatch.landing import IngestError, ingest
 from trafficwatch.source import EXPORTS_PATH
+from trafficwatch_dev.feed import FeedConfig, start_in_thread
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,10 @@ import duckdb
 import pytest
 
 from tests.integration.test_worker import running_worker  # noqa: F401
-from trafficwatch import history, landing, worker
-from trafficwatch.feed import DEFAULT_BASE, Simulator, load_snapshot
+from trafficwatch import landing, worker
+from trafficwatch_dev import history
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

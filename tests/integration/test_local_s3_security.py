@@ -29,6 +29,7 @@ import botocore.config
 import grpc
 import pytest
 
+from tests.support.environ import environ
 from trafficwatch import services
 
 pytestmark = pytest.mark.integration
@@ -268,23 +269,19 @@ def all_breaches(server: Server, fids: list[str], ways_in: dict) -> list[str]:
 
 def _start(home: Path, service: services.Service, port: int, security_dir: Path | None) -> Iterator[Server]:
     keys = {"AWS_ACCESS_KEY_ID": "sec" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
-    saved = {name: os.environ.get(name) for name in keys}
-    os.environ.update(keys)  # what weed and the readiness check read, as make's scripts/env.sh sets them
     boto3.DEFAULT_SESSION = None  # it caches the first keys it resolved
     try:
-        pid = services.start(service, home)
-        payload = b"TW-PAYLOAD-" + secrets.token_hex(16).encode() + b"\n" + os.urandom(4096).hex().encode()
-        server = Server(home, port, keys, payload, security_dir)
-        server.s3().put_object(Bucket=BUCKET, Key=PAYLOAD_KEY, Body=payload)
-        server.tcp_ports, server.unix_sockets = listening_sockets(pid)
-        yield server
+        with environ(keys):  # what weed and the readiness check read, as make's scripts/env.sh sets them
+            try:
+                pid = services.start(service, home)
+                payload = b"TW-PAYLOAD-" + secrets.token_hex(16).encode() + b"\n" + os.urandom(4096).hex().encode()
+                server = Server(home, port, keys, payload, security_dir)
+                server.s3().put_object(Bucket=BUCKET, Key=PAYLOAD_KEY, Body=payload)
+                server.tcp_ports, server.unix_sockets = listening_sockets(pid)
+                yield server
+            finally:
+                services.stop(home, service.name)
     finally:
-        services.stop(home, service.name)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         boto3.DEFAULT_SESSION = None
 
 

@@ -30,7 +30,8 @@ import pytest
 from tests.conftest import land_raw
 from tests.marts.fixtures import assert_same_marts, comparable, read_marts, serving_config
 from trafficwatch import lake, operate, serving
-from trafficwatch.feed import DEFAULT_BASE, Simulator, load_snapshot
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """An API stand-in that answers every GET with given bytes, unparsed, as `application/json`.
 
-The local feed (`trafficwatch.feed`) parses its snapshot files and renders them again, so it cannot send
+The local feed (`trafficwatch_dev.feed`) parses its snapshot files and renders them again, so it cannot send
 what JSON cannot hold (Latin-1 bytes, 100,000 levels of nesting). This one sends `bodies[i]` exactly,
 `i` moving on with `advance()` and staying on the last body.
 """

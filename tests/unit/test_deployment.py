@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import REPO
 
 SECRET_NAMES = ("PASSWORD", "SECRET", "ACCESS_KEY_ID", "JWT")
-SUBCOMMANDS = {"feed", "ingest", "merge", "backfill", "status", "build", "worker", "maintain", "lag", "down", "service"}
+SUBCOMMANDS = {"ingest", "merge", "backfill", "status", "build", "worker", "maintain", "lag", "down", "service"}
 
 
 def _compose() -> dict:

@@ -24,18 +24,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from trafficwatch.feed import (
-    DEFAULT_BASE,
-    EXPORTS_PATH,
-    FAULT_MODES,
-    RECORDS_PATH,
-    FeedConfig,
-    FeedServer,
-    make_server,
-    segment_length_m,
-    start_in_thread,
-    traffic_status,
-)
+from trafficwatch_dev.api import EXPORTS_PATH, RECORDS_PATH
+from trafficwatch_dev.feed import FAULT_MODES, FeedConfig, FeedServer, make_server, start_in_thread
+from trafficwatch_dev.simulator import segment_length_m, traffic_status
+from trafficwatch_dev.snapshots import DEFAULT_BASE
 
 V1_PATH = "/api/records/1.0/search/?dataset=etat-du-trafic-en-temps-reel"
 FROZEN = 1e-9  # a clock speed at which the served index never moves by itself during a test
@@ -589,12 +581,13 @@ def test_congestion_changes_smoothly_and_together_along_a_road() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# serve(): the blocking entry point of `trafficwatch feed`
+# serve(): the blocking entry point of `trafficwatch-dev feed`
 
 
 def test_serve_prints_its_url_and_stops_on_sigterm() -> None:
-    code = "from trafficwatch.feed import FeedConfig, serve; serve(FeedConfig(port=0))"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "plugins")}
+    code = "from trafficwatch_dev.feed import FeedConfig, serve; serve(FeedConfig(port=0))"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(repo / folder) for folder in ("plugins", "devtools"))}
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) as process:
         try:
             assert process.stdout is not None

@@ -1,4 +1,4 @@
-"""The demo's simulated history (`trafficwatch.history`): its plan, its snapshots (what the feed serves, byte for
+"""The demo's simulated history (`trafficwatch_dev.history`): its plan, its snapshots (what the feed serves, byte for
 byte) and the plausibility of the simulator's traffic over two weeks, computed from generated snapshots."""
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from trafficwatch import history
 from trafficwatch.config import ConfigError
-from trafficwatch.feed import DEFAULT_BASE, EXPORTS_PATH, FeedConfig, Simulator, load_snapshot, start_in_thread
 from trafficwatch.landing import raw_key
 from trafficwatch.source import normalize_payload
+from trafficwatch_dev import history
+from trafficwatch_dev.api import EXPORTS_PATH
+from trafficwatch_dev.feed import FeedConfig, start_in_thread
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
 PARIS = ZoneInfo("Europe/Paris")
 FORTNIGHT_START = datetime(2026, 11, 2, tzinfo=PARIS)  # a Monday, local midnight

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.freshness import percentile
 from trafficwatch import operate, services
 
 # A service whose child ignores SIGTERM, as Airflow standalone's children outlive a plain SIGTERM.
@@ -50,6 +51,6 @@ def test_stack_memory_counts_every_process_of_the_groups(tmp_path: Path) -> None
 
 def test_percentile_interpolates_between_ranks() -> None:
     values = [float(v) for v in range(1, 21)]
-    assert operate.percentile(values, 50) == 10.5
-    assert operate.percentile(values, 95) == 19.05
-    assert operate.percentile([3.0], 95) == 3.0
+    assert percentile(values, 50) == 10.5
+    assert percentile(values, 95) == 19.05
+    assert percentile([3.0], 95) == 3.0

@@ -15,9 +15,9 @@ it knows (these are older) until its next full listing. `traffic_merge` then mer
 until the worker has no more than one day of snapshots pending (at most 10 minutes): the merge's batches stay
 about a day (a live snapshot waits at most one such merge) and the CPU goes to merging what is landed rather
 than to landing more. Progress goes to
-`$TRAFFICWATCH_HOME/demo-history.json`; `make status` prints it (`trafficwatch history status`).
+`$TRAFFICWATCH_HOME/demo-history.json`; `make status` prints it (`trafficwatch-dev history status`).
 
-Demo tooling: nothing of the pipeline imports this module (the DAGs never do).
+Demo tooling: nothing of the pipeline imports this package (the DAGs never do).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from zoneinfo import ZoneInfo
 
 from trafficwatch import landing, services, storage
 from trafficwatch.config import ConfigError, Settings
-from trafficwatch.feed import DEFAULT_BASE, DEFAULT_TIMEZONE, Simulator, load_snapshot
+from trafficwatch_dev.simulator import Simulator
+from trafficwatch_dev.snapshots import DEFAULT_BASE, DEFAULT_TIMEZONE, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ SERVICE = "history"
 GZIP_LEVEL = 1
 PROGRESS_EVERY = 48  # snapshots between two writes of the progress file
 BACKLOG_WAIT_S = 600.0  # longest wait for the merge before landing the next day anyway (the merge DAG paused?)
-NICE = 5  # `trafficwatch history seed` lowers its priority by this much: the live minute goes first
+NICE = 5  # `trafficwatch-dev history seed` lowers its priority by this much: the live minute goes first
 
 
 def days_from_env(environ: Mapping[str, str] = os.environ) -> int:
