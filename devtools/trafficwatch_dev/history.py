@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from trafficwatch import landing, services, storage
+from trafficwatch import landing, raw, services, storage
 from trafficwatch.config import ConfigError, Settings
 from trafficwatch_dev.simulator import Simulator
 from trafficwatch_dev.snapshots import DEFAULT_BASE, DEFAULT_TIMEZONE, load_snapshot
@@ -176,7 +176,7 @@ def status_line(settings: Settings) -> str:
 def _landed_keys(s3: Any, bucket: str, day: date) -> set[str]:
     """The raw keys under one date= prefix (UTC day)."""
     keys: set[str] = set()
-    prefix = f"{landing.RAW_PREFIX}date={day:%Y-%m-%d}/"
+    prefix = f"{raw.RAW_PREFIX}date={day:%Y-%m-%d}/"
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys.update(item["Key"] for item in page.get("Contents", []))
     return keys
@@ -284,7 +284,7 @@ def seed(
             landed_before = progress.snapshots_landed
             waited = False
             for moment in times:
-                if landing.raw_key(moment) in landed_keys:
+                if raw.raw_key(moment) in landed_keys:
                     progress.snapshots_present += 1
                     progress.snapshots_done += 1
                     continue

@@ -18,9 +18,7 @@ import botocore.exceptions
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
-
-# RAW_PREFIX and measured_at_of are not used here: history.py and operate.py still reach them through landing.
-from trafficwatch.raw import RAW_PREFIX, measured_at_of, metadata_text, quarantine, raw_key  # noqa: F401
+from trafficwatch.raw import metadata_text, quarantine, raw_key
 from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SnapshotRules, SourceError, check_plausible
 
 log = logging.getLogger(__name__)

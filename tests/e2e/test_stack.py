@@ -33,7 +33,7 @@ from tests.conftest import REPO
 from tests.support import freshness
 from tests.support.stack import LocalStack, write_json
 from trafficwatch import lake, operate
-from trafficwatch.landing import measured_at_of, raw_key
+from trafficwatch.raw import measured_at_of, raw_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 

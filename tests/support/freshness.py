@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trafficwatch.landing import measured_at_of, raw_key
 from trafficwatch.operate import _iso, landed_snapshots, served_latest
+from trafficwatch.raw import measured_at_of, raw_key
 
 
 @dataclass

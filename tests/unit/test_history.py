@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from trafficwatch.config import ConfigError
-from trafficwatch.landing import raw_key
+from trafficwatch.raw import raw_key
 from trafficwatch.source import normalize_payload
 from trafficwatch_dev import history
 from trafficwatch_dev.api import EXPORTS_PATH
