@@ -27,6 +27,8 @@ from trafficwatch.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+# The note an exception raised again from the worker carries when its traceback is in the worker's log (`worker`).
+WORKER_NOTE = "in the worker; traceback in its log"
 MAX_LENGTH = 300  # of a message from elsewhere: an S3 error body, a Rust error with its debug dump
 CREDENTIAL_CODES = (
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
@@ -61,7 +63,9 @@ def failure(
     error of no known kind, where its traceback is (`traceback_in`) ends the line."""
     cause = recognised(error, settings or _settings())
     line = f"{action} failed: {cause or _unknown(error)}"
-    if cause is None and traceback_in is not None:
+    if WORKER_NOTE in getattr(error, "__notes__", ()):
+        line += f" ({WORKER_NOTE})"
+    elif cause is None and traceback_in is not None:
         line += f" (traceback in {traceback_in})"
     log.error(line, exc_info=(type(error), error, error.__traceback__))
     return line
@@ -69,7 +73,8 @@ def failure(
 
 def describe(error: BaseException, settings: Settings | None = None) -> str:
     """The cause of `error` in one line: what went wrong and, when known, the endpoint, bucket, table or key."""
-    return recognised(error, settings or _settings()) or _unknown(error)
+    cause = recognised(error, settings or _settings()) or _unknown(error)
+    return f"{cause} ({WORKER_NOTE})" if WORKER_NOTE in getattr(error, "__notes__", ()) else cause
 
 
 def recognised(error: BaseException, settings: Settings | None = None) -> str | None:
