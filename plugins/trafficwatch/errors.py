@@ -27,8 +27,6 @@ from trafficwatch.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-# The note an exception raised again from the worker carries when its traceback is in the worker's log (`worker`).
-WORKER_NOTE = "in the worker; traceback in its log"
 MAX_LENGTH = 300  # of a message from elsewhere: an S3 error body, a Rust error with its debug dump
 CREDENTIAL_CODES = (
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
@@ -61,11 +59,9 @@ def failure(
 ) -> str:
     """`<action> failed: <cause>`, one line; the traceback goes to the log (the file, the task log). For an
     error of no known kind, where its traceback is (`traceback_in`) ends the line."""
-    cause = recognised(error, settings or _settings())
+    cause = worker_cause(error) or recognised(error, settings or _settings())
     line = f"{action} failed: {cause or _unknown(error)}"
-    if WORKER_NOTE in getattr(error, "__notes__", ()):
-        line += f" ({WORKER_NOTE})"
-    elif cause is None and traceback_in is not None:
+    if cause is None and traceback_in is not None:
         line += f" (traceback in {traceback_in})"
     log.error(line, exc_info=(type(error), error, error.__traceback__))
     return line
@@ -73,8 +69,14 @@ def failure(
 
 def describe(error: BaseException, settings: Settings | None = None) -> str:
     """The cause of `error` in one line: what went wrong and, when known, the endpoint, bucket, table or key."""
-    cause = recognised(error, settings or _settings()) or _unknown(error)
-    return f"{cause} ({WORKER_NOTE})" if WORKER_NOTE in getattr(error, "__notes__", ()) else cause
+    return worker_cause(error) or recognised(error, settings or _settings()) or _unknown(error)
+
+
+def worker_cause(error: BaseException) -> str | None:
+    """The cause of an exception the worker failed with and this process raised again (see `worker`), as the
+    worker described it: the frames that name its table or key, and its traceback, stayed over there."""
+    cause = getattr(error, "worker_cause", None)
+    return cause if isinstance(cause, str) else None
 
 
 def recognised(error: BaseException, settings: Settings | None = None) -> str | None:

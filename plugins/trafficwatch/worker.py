@@ -16,7 +16,8 @@ type, and a failure is raised as the same exception: the worker answers with the
 arguments, and the requester raises that class again (`DataTestsFailed` with its failed tests). Only a failure
 whose class the requester cannot rebuild (not imported here, or not rebuilt from its arguments) comes back as
 `WorkerError`, with its one-line cause. A failure the worker did not expect (not a `BuildError` or
-`ConfigError`) carries the note `errors.WORKER_NOTE`: its traceback is in the worker's log, not the requester's.
+`ConfigError`) carries the worker's one-line cause as `worker_cause`, ending with `WORKER_NOTE` (its traceback
+and the frames that name its table or key are in the worker), and `errors.failure` prints that line.
 The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
 
 A read writes nothing: a pending count on a lake whose merge log does not exist yet counts every landed
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "worker.sock"
 RELIST_RAW_S = 900.0
+WORKER_NOTE = "in the worker; traceback in its log"
 
 
 class WorkerError(RuntimeError):
@@ -179,7 +181,7 @@ class Worker:
                 return {**_failure(error, str(error), unexpected=False), "log": lines}
             except Exception as error:  # the worker outlives any one request; the requester gets the cause
                 log.error("%s failed:\n%s", request.get("op"), traceback.format_exc())
-                cause = f"{errors.describe(error, self.settings)} ({errors.WORKER_NOTE})"
+                cause = f"{errors.describe(error, self.settings)} ({WORKER_NOTE})"
                 return {**_failure(error, cause, unexpected=True), "log": lines}
 
 
@@ -266,11 +268,27 @@ def _ask(settings: Settings, op: str, **arguments: Any) -> dict[str, Any] | None
     return answer
 
 
+# Where the exceptions of Rust extensions are exported: their classes name a module that is not importable
+# (delta-rs's say `_internal`, DuckDB's `_duckdb`).
+EXPORTED_IN = ("deltalake.exceptions", "duckdb")
+
+
+def _exception_class(module: str, name: str) -> Any:
+    """The class `module.name` as this process has it (None when it is not loaded here)."""
+    found = getattr(sys.modules.get(module), name, None)
+    for exported in EXPORTED_IN:
+        if found is not None:
+            break
+        candidate = getattr(sys.modules.get(exported), name, None)
+        found = candidate if getattr(candidate, "__module__", None) == module else None
+    return found
+
+
 def _raise_failure(answer: dict[str, Any]) -> None:
     """Raise the exception the worker's error answer describes, as the same class when this process has it
     (imported already: nothing is imported on the worker's word) and it is rebuilt from its arguments."""
     module, name = answer.get("type") or ("", "")
-    cls = getattr(sys.modules.get(module), name, None)
+    cls = _exception_class(module, name)
     error: Exception = WorkerError(answer["error"])
     if cls is serving.DataTestsFailed:
         error = serving.DataTestsFailed(answer["error"], answer.get("failed_tests", []))
@@ -280,7 +298,7 @@ def _raise_failure(answer: dict[str, Any]) -> None:
         except Exception:  # a constructor that wants other arguments: WorkerError, with the cause
             error = WorkerError(answer["error"])
     if answer.get("unexpected") and not isinstance(error, WorkerError):
-        error.add_note(errors.WORKER_NOTE)
+        error.worker_cause = answer["error"]  # type: ignore[attr-defined]  # see errors.worker_cause
     raise error
 
 
