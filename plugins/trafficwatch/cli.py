@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from trafficwatch import errors, localenv, services
-from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
+from trafficwatch.config import REPO_ROOT, ConfigError, home_from_env, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
@@ -27,8 +27,7 @@ _stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's ow
 
 def log_file_path() -> Path:
     """The log of every command (of services: their warnings and errors), with every failure's traceback."""
-    home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()  # as load_settings
-    return home / "logs" / "trafficwatch.log"
+    return home_from_env() / "logs" / "trafficwatch.log"
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -275,19 +274,17 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
 def _service(name: str) -> services.Service:
     settings = load_settings()
     if name == "s3":
-        port = int(os.environ.get("TRAFFICWATCH_S3_PORT", "8333"))
-        return services.local_s3(settings.home / "s3", port, settings.bucket)
+        return services.local_s3(settings.home / "s3", settings.s3_port, settings.bucket)
     if name == "feed":
-        port = int(os.environ.get("TRAFFICWATCH_FEED_PORT", "8090"))
-        return services.feed(port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
+        return services.feed(settings.feed_port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
     if name == "worker":
         from trafficwatch.worker import socket_path
 
         return services.worker(socket_path(settings))
     if name == "airflow":
-        return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
+        return services.airflow(settings.airflow_port)
     if name == "superset":
-        return services.superset(int(os.environ.get("TRAFFICWATCH_SUPERSET_PORT", "8088")), REPO_ROOT)
+        return services.superset(settings.superset_port, REPO_ROOT)
     if name == "history":
         return services.history(settings.bucket)
     raise ConfigError(f"unknown service {name!r}")
