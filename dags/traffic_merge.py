@@ -20,13 +20,13 @@ lines come back into this task's log.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from trafficwatch.assets import LAKE_OBSERVATIONS
+from trafficwatch.config import load_settings
 from trafficwatch.waiting import PendingRawSensor
 
 
@@ -40,10 +40,11 @@ from trafficwatch.waiting import PendingRawSensor
     default_args={"owner": "trafficwatch", "retries": 2, "retry_delay": timedelta(seconds=10)},
 )
 def traffic_merge() -> None:
+    settings = load_settings()  # the sensor's timings: TRAFFICWATCH_MERGE_POLL_INTERVAL, _MERGE_WAIT_TIMEOUT
     wait = PendingRawSensor(
         task_id="wait_for_landed_snapshots",
-        poll_interval_s=float(os.environ.get("TRAFFICWATCH_MERGE_POLL_INTERVAL", "10")),
-        timeout=float(os.environ.get("TRAFFICWATCH_MERGE_WAIT_TIMEOUT", "900")),
+        poll_interval_s=settings.merge_poll_interval_s,
+        timeout=settings.merge_wait_timeout_s,
     )
 
     @task(outlets=[LAKE_OBSERVATIONS], execution_timeout=timedelta(minutes=30))

@@ -188,7 +188,7 @@ def _ask_worker_to_relist(settings: Settings) -> bool:
 
     try:
         return worker.relist_raw(settings)
-    except worker.WorkerError as error:  # e.g. a worker started before this version: its next full listing
+    except Exception as error:  # the worker's failure, as its own class; e.g. a worker started before this version
         log.warning("the worker did not list raw/ again (%s): it sees the history within %.0f min", error,
                     worker.RELIST_RAW_S / 60)  # fmt: skip
         return False
@@ -200,7 +200,7 @@ def _pending_in_worker(settings: Settings) -> int | None:
 
     try:
         return worker.count_pending_in_worker(settings)
-    except worker.WorkerError as error:
+    except Exception as error:  # the worker's failure, as its own class: the seeding goes on
         log.warning("the worker did not count the pending snapshots: %s", error)
         return None
 

@@ -18,29 +18,23 @@ stopped, not the merge, the build or the publish.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from trafficwatch.config import ConfigError, Settings, _float
+from trafficwatch.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 600.0
-NOTIFIERS = ("smtp",)
-SMTP_CONN_ID = "trafficwatch_smtp"
 
 FRESH, STALE, SOURCE_DOWN, NO_DATA = "fresh", "stale", "source_down", "no_data"
 
 
 def stale_after_s() -> float:
     """`TRAFFICWATCH_STALE_AFTER`: seconds (default 600) the newest data shown may be old."""
-    value = _float("TRAFFICWATCH_STALE_AFTER", STALE_AFTER_S)
-    if value <= 0:
-        raise ConfigError(f"TRAFFICWATCH_STALE_AFTER={value!r} is not a positive number of seconds")
-    return value
+    return load_settings().stale_after_s
 
 
 @dataclass(frozen=True)
@@ -165,16 +159,16 @@ def check_freshness(
     Only raw/ keys from the day before the newest data shown on are listed (keys sort by upstream time): a
     check every minute does not list a month of snapshots. Without data shown, the whole of raw/ is listed.
     """
-    from trafficwatch import lake, operate, serving, storage
+    from trafficwatch import lake, operate, raw, serving, storage
 
     s3 = s3 or storage.s3_client(settings)
     options = storage_options if storage_options is not None else lake.storage_options(settings)
     now = now or datetime.now(UTC)
-    stale_after = stale_after_s() if stale_after is None else stale_after
+    stale_after = settings.stale_after_s if stale_after is None else stale_after
     serving_db = serving_db or serving.serving_db_path(settings)
     served, _ = operate.served_latest(serving_db)
-    start_after = f"{lake.RAW_PREFIX}date={(served - timedelta(days=1)).date().isoformat()}" if served else ""
-    landed = {obj.key: obj.landed_at for obj in lake.list_raw(s3, settings.bucket, start_after=start_after)}
+    start_after = f"{raw.RAW_PREFIX}date={(served - timedelta(days=1)).date().isoformat()}" if served else ""
+    landed = {obj.key: obj.landed_at for obj in raw.list_raw(s3, settings.bucket, start_after=start_after)}
     merged, refused = operate.merge_log_keys(settings, options)
     showable = operate.showable_snapshots(landed, refused)
     newest_key = max(showable, default=None)  # keys sort by upstream time
@@ -195,21 +189,18 @@ def notifier_from_env() -> Any:
     (comma-separated), from `TRAFFICWATCH_ALERT_EMAIL_FROM` (else the connection's `from_email` extra). The
     subject is the failure's one line. It sends when the check turns red, not again while it stays red.
     """
-    kind = os.environ.get("TRAFFICWATCH_ALERT_NOTIFIER", "").strip().lower()
-    if kind in ("", "none"):
+    settings = load_settings()
+    if not settings.alert_notifier:
         return None
-    if kind not in NOTIFIERS:
-        raise ConfigError(f"TRAFFICWATCH_ALERT_NOTIFIER={kind!r} is not one of none, {', '.join(NOTIFIERS)}")
-    addresses = os.environ.get("TRAFFICWATCH_ALERT_EMAIL_TO", "").split(",")
-    to = [address.strip() for address in addresses if address.strip()]
+    to = list(settings.alert_email_to)
     if not to:
         raise ConfigError("TRAFFICWATCH_ALERT_NOTIFIER=smtp needs TRAFFICWATCH_ALERT_EMAIL_TO (comma-separated)")
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     smtp = SmtpNotifier(
         to=to,
-        from_email=os.environ.get("TRAFFICWATCH_ALERT_EMAIL_FROM") or None,
-        smtp_conn_id=os.environ.get("TRAFFICWATCH_ALERT_SMTP_CONN_ID") or SMTP_CONN_ID,
+        from_email=settings.alert_email_from,
+        smtp_conn_id=settings.alert_smtp_conn_id,
         subject="[TrafficWatch] {{ exception }}",
         html_content=(
             "<p>{{ exception | e }}</p>"

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from trafficwatch import errors, localenv, services
-from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
+from trafficwatch.config import REPO_ROOT, ConfigError, home_from_env, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
@@ -28,8 +29,7 @@ _stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's ow
 
 def log_file_path() -> Path:
     """The log of every command (of services: their warnings and errors), with every failure's traceback."""
-    home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()  # as load_settings
-    return home / "logs" / "trafficwatch.log"
+    return home_from_env() / "logs" / "trafficwatch.log"
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -141,6 +141,12 @@ def _say(text: str) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    """fetch the current snapshot once and land it in S3 (exit 0: landed or unchanged)
+
+    Fetch the current snapshot from TRAFFICWATCH_API_URL in TRAFFICWATCH_API_MODE and land it unchanged under raw/
+    in TRAFFICWATCH_BUCKET, unless that snapshot is already landed. Exit 0 when landed or unchanged; exit 1 with a
+    one-line reason otherwise (the bad body goes to quarantine/).
+    """
     from trafficwatch import landing
 
     settings = load_settings()
@@ -150,6 +156,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    """merge every landed snapshot not merged yet into the Delta tables (what the DAG runs)
+
+    Merge every raw object under raw/ that the merge log does not hold into the Delta tables under lake/, validating
+    rows (invalid ones go to rejected_records) and recording each object in merge_log. Idempotent: a rerun or a
+    concurrent run adds nothing twice.
+    """
     from trafficwatch import worker
 
     _say(worker.merge_pending(load_settings()).summary())
@@ -167,6 +179,12 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """JSON for operators: raw, pending and quarantined objects, latest measurement, tables, serving file
+
+    Print, as JSON: raw_objects, pending_raw_objects, quarantined_objects, latest_measured_at, for each Delta table
+    its uri, version, rows and files, and serving_db (the serving DuckDB's path) with serving_built_at (when it was
+    last published, null if never).
+    """
     from trafficwatch import serving
 
     _say(json.dumps(serving.status(load_settings()), indent=2))
@@ -183,6 +201,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    """run the data tests every build leaves out: the lake's own guarantees (the marts_audit DAG)
+
+    Run, under the build lock, the dbt data tests of the staging models (one row per segment and snapshot in the
+    lake, known statuses, one road segment version in force), which the minute's build leaves out. Exit 1 with one
+    line naming the failing tests.
+    """
     from trafficwatch import serving
 
     with contextlib.redirect_stdout(_LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
@@ -193,6 +217,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    """serve merges and builds from a process that keeps dbt imported and the Delta tables open
+
+    Import dbt and open the lake's tables, then run the merges, pending counts and builds that `trafficwatch
+    merge|build` and the DAGs ask for on the Unix socket $TRAFFICWATCH_HOME/run/worker.sock (merges one at a time,
+    builds one at a time). Saves dbt's 5-6 s import per build and the tables' opening per merge. Usually started as
+    a service: `trafficwatch service start worker` (make demo and make up do).
+    """
     from trafficwatch import worker
 
     worker.serve(load_settings())
@@ -200,6 +231,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
+    """JSON for operators: how far the dashboards are behind what has landed, and what waits to be merged
+
+    Print, as JSON: the newest snapshot landed in raw/ (key, upstream time, landing time), the newest measurement
+    the serving file shows (max measured_at of segment_latest) and when it was published and serving_age_s (its age
+    now), lag_s (the difference in upstream time; 0 when up to date), unserved_snapshots and how long the oldest of
+    them has waited (oldest_unserved_waiting_s), and pending_merge (landed snapshots the merge log does not hold)
+    with the oldest of them.
+    """
     from trafficwatch import operate
 
     _say(json.dumps(operate.lag(load_settings()), indent=2))
@@ -207,6 +246,13 @@ def _cmd_lag(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_freshness(args: argparse.Namespace) -> int:
+    """exit 1 with one line when the dashboards are stale while the source is up (the pipeline_freshness DAG)
+
+    Compare the newest data the serving file shows with TRAFFICWATCH_STALE_AFTER (seconds, default 600). Stale while
+    the newest snapshot in raw/ landed within that threshold (the source is up): print one line naming what is stale
+    and by how much on stderr, exit 1. Otherwise (fresh, or the source quiet, or nothing landed yet) print the line
+    on stdout, exit 0.
+    """
     from trafficwatch import alerts
 
     freshness = alerts.check_freshness(load_settings())
@@ -220,6 +266,11 @@ def _cmd_check_freshness(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
+    """stop every local service started from this home (what `make down` runs)
+
+    Stop every service with a pid file in $TRAFFICWATCH_HOME/run, each by its process group (SIGTERM, then SIGKILL
+    after 30 s), Superset and Airflow first and S3 last, and wait until no process of those groups is left.
+    """
     from trafficwatch import operate
 
     stopped = operate.stop_all(load_settings().home)
@@ -231,6 +282,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_maintain(args: argparse.Namespace) -> int:
+    """compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)"""
     from trafficwatch import lake
 
     _say(lake.maintain(load_settings()).summary())
@@ -240,19 +292,17 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
 def _service(name: str) -> services.Service:
     settings = load_settings()
     if name == "s3":
-        port = int(os.environ.get("TRAFFICWATCH_S3_PORT", "8333"))
-        return services.local_s3(settings.home / "s3", port, settings.bucket)
+        return services.local_s3(settings.home / "s3", settings.s3_port, settings.bucket)
     if name == "feed":
-        port = int(os.environ.get("TRAFFICWATCH_FEED_PORT", "8090"))
-        return services.feed(port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
+        return services.feed(settings.feed_port, os.environ.get("TRAFFICWATCH_FEED_ARGS", "").split())
     if name == "worker":
         from trafficwatch.worker import socket_path
 
         return services.worker(socket_path(settings))
     if name == "airflow":
-        return services.airflow(int(os.environ.get("TRAFFICWATCH_AIRFLOW_PORT", "8080")))
+        return services.airflow(settings.airflow_port)
     if name == "superset":
-        return services.superset(int(os.environ.get("TRAFFICWATCH_SUPERSET_PORT", "8088")), REPO_ROOT)
+        return services.superset(settings.superset_port, REPO_ROOT)
     if name == "history":
         return services.history(settings.bucket)
     raise ConfigError(f"unknown service {name!r}")
@@ -284,6 +334,14 @@ def _utc(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _add_command(commands: Any, func: Callable[[argparse.Namespace], int]) -> None:
+    """The subcommand of a function without arguments: named after it (`_cmd_check_freshness`: check-freshness),
+    its help the docstring's first paragraph, its description the rest (argparse joins the lines)."""
+    help_text, _, description = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
+    name = func.__name__.removeprefix("_cmd_").replace("_", "-")
+    commands.add_parser(name, help=help_text, description=description or None).set_defaults(func=func)
+
+
 def command_parser(prog: str, description: str | None) -> tuple[argparse.ArgumentParser, Any]:
     """A command's parser with -v and its subcommands (add them with `.add_parser`), as `run` expects."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -294,23 +352,8 @@ def command_parser(prog: str, description: str | None) -> tuple[argparse.Argumen
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = command_parser("trafficwatch", __doc__)
 
-    ingest = commands.add_parser(
-        "ingest",
-        help="fetch the current snapshot once and land it in S3 (exit 0: landed or unchanged)",
-        description="Fetch the current snapshot from TRAFFICWATCH_API_URL in TRAFFICWATCH_API_MODE and land "
-        "it unchanged under raw/ in TRAFFICWATCH_BUCKET, unless that snapshot is already landed. Exit 0 when "
-        "landed or unchanged; exit 1 with a one-line reason otherwise (the bad body goes to quarantine/).",
-    )
-    ingest.set_defaults(func=_cmd_ingest)
-
-    merge = commands.add_parser(
-        "merge",
-        help="merge every landed snapshot not merged yet into the Delta tables (what the DAG runs)",
-        description="Merge every raw object under raw/ that the merge log does not hold into the Delta tables "
-        "under lake/, validating rows (invalid ones go to rejected_records) and recording each object in "
-        "merge_log. Idempotent: a rerun or a concurrent run adds nothing twice.",
-    )
-    merge.set_defaults(func=_cmd_merge)
+    for simple in (_cmd_ingest, _cmd_merge):
+        _add_command(commands, simple)
 
     backfill = commands.add_parser(
         "backfill",
@@ -336,71 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=_cmd_build)
 
-    audit = commands.add_parser(
-        "audit",
-        help="run the data tests every build leaves out: the lake's own guarantees (the marts_audit DAG)",
-        description="Run, under the build lock, the dbt data tests of the staging models (one row per segment "
-        "and snapshot in the lake, known statuses, one road segment version in force), which the minute's "
-        "build leaves out. Exit 1 with one line naming the failing tests.",
-    )
-    audit.set_defaults(func=_cmd_audit)
+    for simple in (_cmd_audit, _cmd_worker, _cmd_status, _cmd_lag, _cmd_check_freshness, _cmd_down):
+        _add_command(commands, simple)
 
-    worker = commands.add_parser(
-        "worker",
-        help="serve merges and builds from a process that keeps dbt imported and the Delta tables open",
-        description="Import dbt and open the lake's tables, then run the merges, pending counts and builds "
-        "that `trafficwatch merge|build` and the DAGs ask for on the Unix socket "
-        "$TRAFFICWATCH_HOME/run/worker.sock (merges one at a time, builds one at a time). Saves dbt's 5-6 s "
-        "import per build and the tables' opening per merge. Usually started as a service: "
-        "`trafficwatch service start worker` (make demo and make up do).",
-    )
-    worker.set_defaults(func=_cmd_worker)
-
-    status = commands.add_parser(
-        "status",
-        help="JSON for operators: raw, pending and quarantined objects, latest measurement, tables, serving file",
-        description="Print, as JSON: raw_objects, pending_raw_objects, quarantined_objects, "
-        "latest_measured_at, for each Delta table its uri, version, rows and files, and serving_db (the "
-        "serving DuckDB's path) with serving_built_at (when it was last published, null if never).",
-    )
-    status.set_defaults(func=_cmd_status)
-
-    lag = commands.add_parser(
-        "lag",
-        help="JSON for operators: how far the dashboards are behind what has landed, and what waits to be merged",
-        description="Print, as JSON: the newest snapshot landed in raw/ (key, upstream time, landing time), the "
-        "newest measurement the serving file shows (max measured_at of segment_latest) and when it was "
-        "published and serving_age_s (its age now), lag_s (the difference in upstream time; 0 when up to "
-        "date), unserved_snapshots and how "
-        "long the oldest of them has waited (oldest_unserved_waiting_s), and pending_merge (landed snapshots "
-        "the merge log does not hold) with the oldest of them.",
-    )
-    lag.set_defaults(func=_cmd_lag)
-
-    check = commands.add_parser(
-        "check-freshness",
-        help="exit 1 with one line when the dashboards are stale while the source is up (the pipeline_freshness DAG)",
-        description="Compare the newest data the serving file shows with TRAFFICWATCH_STALE_AFTER (seconds, default "
-        "600). Stale while the newest snapshot in raw/ landed within that threshold (the source is up): print "
-        "one line naming what is stale and by how much on stderr, exit 1. Otherwise (fresh, or the source quiet, "
-        "or nothing landed yet) print the line on stdout, exit 0.",
-    )
-    check.set_defaults(func=_cmd_check_freshness)
-
-    down = commands.add_parser(
-        "down",
-        help="stop every local service started from this home (what `make down` runs)",
-        description="Stop every service with a pid file in $TRAFFICWATCH_HOME/run, each by its process group "
-        "(SIGTERM, then SIGKILL after 30 s), Superset and Airflow first and S3 last, and wait until no process "
-        "of those groups is left.",
-    )
-    down.set_defaults(func=_cmd_down)
-
-    maintain = commands.add_parser(
-        "maintain",
-        help="compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)",
-    )
-    maintain.set_defaults(func=_cmd_maintain)
+    _add_command(commands, _cmd_maintain)
 
     service = commands.add_parser(
         "service",

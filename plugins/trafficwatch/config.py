@@ -17,6 +17,9 @@ API_MODES = ("exports", "records", "v1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_API_URL = "https://data.rennesmetropole.fr"
 DEFAULT_REGION = "us-east-1"
+DEFAULT_SERVING_DAYS = 30
+DEFAULT_SMTP_CONN_ID = "trafficwatch_smtp"
+NOTIFIERS = ("smtp",)
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,36 @@ def _int(name: str, default: int) -> int:
     if value != int(value):
         raise ConfigError(f"{name}={value!r} is not a whole number")
     return int(value)
+
+
+def _days(name: str, default: int) -> int:
+    raw = os.environ.get(name) or str(default)
+    try:
+        days = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of days") from None
+    if days < 1:
+        raise ConfigError(f"{name}={days} must be at least 1")
+    return days
+
+
+def _positive_s(name: str, default: float) -> float:
+    value = _float(name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}={value!r} is not a positive number of seconds")
+    return value
+
+
+def _notifier() -> str:
+    kind = os.environ.get("TRAFFICWATCH_ALERT_NOTIFIER", "").strip().lower()
+    if kind not in ("", "none", *NOTIFIERS):
+        raise ConfigError(f"TRAFFICWATCH_ALERT_NOTIFIER={kind!r} is not one of none, {', '.join(NOTIFIERS)}")
+    return "" if kind == "none" else kind
+
+
+def home_from_env() -> Path:
+    """TRAFFICWATCH_HOME, else the checkout's .data: where the lake's local state and the logs live."""
+    return Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,22 @@ class Settings:
     aws_session_token: str | None = field(default=None, repr=False)
     # Where the S3 endpoint and credentials come from, as error messages name it.
     s3_source: str = "environment"
+    # How long a merge run's sensor waits for a landed snapshot before it skips.
+    merge_wait_timeout_s: float = 900.0
+    # The serving file: days of hourly and daily marts it keeps, and where it is (None: under home).
+    serving_days: int = DEFAULT_SERVING_DAYS
+    serving_db: Path | None = None
+    # The freshness check: how old the newest data shown may be, and the notifier of a failed check.
+    stale_after_s: float = 600.0
+    alert_notifier: str = ""  # "" (none) or one of NOTIFIERS
+    alert_email_to: tuple[str, ...] = ()
+    alert_email_from: str | None = None
+    alert_smtp_conn_id: str = DEFAULT_SMTP_CONN_ID
+    # The local services' ports (127.0.0.1 only).
+    s3_port: int = 8333
+    feed_port: int = 8090
+    airflow_port: int = 8080
+    superset_port: int = 8088
 
     @property
     def s3_credentials(self) -> dict[str, str]:
@@ -88,9 +137,10 @@ def load_settings() -> Settings:
     mode = os.environ.get("TRAFFICWATCH_API_MODE", "exports").strip().lower()
     if mode not in API_MODES:
         raise ConfigError(f"TRAFFICWATCH_API_MODE={mode!r} is not one of {', '.join(API_MODES)}")
-    home = Path(os.environ.get("TRAFFICWATCH_HOME") or REPO_ROOT / ".data").resolve()
+    serving_db = os.environ.get("TRAFFICWATCH_SERVING_DB")
+    addresses = os.environ.get("TRAFFICWATCH_ALERT_EMAIL_TO", "").split(",")
     return Settings(
-        home=home,
+        home=home_from_env(),
         bucket=os.environ.get("TRAFFICWATCH_BUCKET", "trafficwatch"),
         api_url=os.environ.get("TRAFFICWATCH_API_URL", DEFAULT_API_URL).rstrip("/"),
         api_mode=mode,
@@ -105,4 +155,16 @@ def load_settings() -> Settings:
         raw_retention_days=_int("TRAFFICWATCH_RAW_RETENTION_DAYS", 0),
         min_records=_int("TRAFFICWATCH_MIN_RECORDS", 2000),
         future_tolerance_s=_float("TRAFFICWATCH_FUTURE_TOLERANCE", 600.0),
+        merge_wait_timeout_s=_float("TRAFFICWATCH_MERGE_WAIT_TIMEOUT", 900.0),
+        serving_days=_days("TRAFFICWATCH_SERVING_DAYS", DEFAULT_SERVING_DAYS),
+        serving_db=Path(serving_db).resolve() if serving_db else None,
+        stale_after_s=_positive_s("TRAFFICWATCH_STALE_AFTER", 600.0),
+        alert_notifier=_notifier(),
+        alert_email_to=tuple(address.strip() for address in addresses if address.strip()),
+        alert_email_from=os.environ.get("TRAFFICWATCH_ALERT_EMAIL_FROM") or None,
+        alert_smtp_conn_id=os.environ.get("TRAFFICWATCH_ALERT_SMTP_CONN_ID") or DEFAULT_SMTP_CONN_ID,
+        s3_port=_int("TRAFFICWATCH_S3_PORT", 8333),
+        feed_port=_int("TRAFFICWATCH_FEED_PORT", 8090),
+        airflow_port=_int("TRAFFICWATCH_AIRFLOW_PORT", 8080),
+        superset_port=_int("TRAFFICWATCH_SUPERSET_PORT", 8088),
     )

@@ -59,7 +59,7 @@ def failure(
 ) -> str:
     """`<action> failed: <cause>`, one line; the traceback goes to the log (the file, the task log). For an
     error of no known kind, where its traceback is (`traceback_in`) ends the line."""
-    cause = recognised(error, settings or _settings())
+    cause = worker_cause(error) or recognised(error, settings or _settings())
     line = f"{action} failed: {cause or _unknown(error)}"
     if cause is None and traceback_in is not None:
         line += f" (traceback in {traceback_in})"
@@ -69,7 +69,14 @@ def failure(
 
 def describe(error: BaseException, settings: Settings | None = None) -> str:
     """The cause of `error` in one line: what went wrong and, when known, the endpoint, bucket, table or key."""
-    return recognised(error, settings or _settings()) or _unknown(error)
+    return worker_cause(error) or recognised(error, settings or _settings()) or _unknown(error)
+
+
+def worker_cause(error: BaseException) -> str | None:
+    """The cause of an exception the worker failed with and this process raised again (see `worker`), as the
+    worker described it: the frames that name its table or key, and its traceback, stayed over there."""
+    cause = getattr(error, "worker_cause", None)
+    return cause if isinstance(cause, str) else None
 
 
 def recognised(error: BaseException, settings: Settings | None = None) -> str | None:

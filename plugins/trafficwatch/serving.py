@@ -43,14 +43,14 @@ from typing import Any
 import duckdb
 
 from trafficwatch import health
-from trafficwatch.config import REPO_ROOT, ConfigError, Settings
+from trafficwatch.config import DEFAULT_SERVING_DAYS as DEFAULT_SERVING_DAYS  # where tests and benches name it
+from trafficwatch.config import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 EXTENSIONS = ("httpfs", "delta")
 WAREHOUSE_NAME = "traffic"  # dbt-duckdb names the warehouse catalog after its file: traffic.duckdb
-DEFAULT_SERVING_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -159,25 +159,18 @@ class ServingConfig:
 
     @classmethod
     def from_env(cls, settings: Settings) -> ServingConfig:
-        raw_days = os.environ.get("TRAFFICWATCH_SERVING_DAYS") or str(DEFAULT_SERVING_DAYS)
-        try:
-            days = int(raw_days)
-        except ValueError:
-            raise ConfigError(f"TRAFFICWATCH_SERVING_DAYS={raw_days!r} is not a whole number of days") from None
-        if days < 1:
-            raise ConfigError(f"TRAFFICWATCH_SERVING_DAYS={days} must be at least 1")
+        """The serving settings of `settings` (read from the environment by `load_settings`)."""
         return cls(
             home=settings.home,
             warehouse_db=settings.home / "warehouse" / f"{WAREHOUSE_NAME}.duckdb",
             serving_db=serving_db_path(settings),
-            serving_days=days,
+            serving_days=settings.serving_days,
         )
 
 
 def serving_db_path(settings: Settings) -> Path:
     """The file dashboards open read-only: TRAFFICWATCH_SERVING_DB, else $TRAFFICWATCH_HOME/serving/traffic.duckdb."""
-    override = os.environ.get("TRAFFICWATCH_SERVING_DB")
-    return Path(override).resolve() if override else settings.home / "serving" / "traffic.duckdb"
+    return settings.serving_db or settings.home / "serving" / "traffic.duckdb"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import polars as pl
 import requests
+import tenacity
 
 from trafficwatch.config import DATASET, Settings
 
@@ -591,26 +592,39 @@ class Client:
             )
 
     def _get(self, url: str, params: dict[str, Any]) -> requests.Response:
+        """GET `url`, tried up to `http_attempts` times: a failure worth retrying (`_request` says) is tried
+        again after its wait (a jittered exponential backoff, or Retry-After on a 429), while the next try still
+        fits in the fetch budget. A failure not worth retrying, or the last one, raises its SourceError."""
         attempts = max(1, self.settings.http_attempts)
-        for attempt in range(1, attempts + 1):
-            remaining_s = self._deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise SourceError(f"fetch budget of {self.settings.fetch_budget_s:.0f} s spent before {url}")
-            try:
-                return self._request(url, params, timeout_s=min(self.settings.http_timeout_s, remaining_s))
-            except _Retryable as failure:
-                error, wait_s = failure.error, failure.wait_s
-            if wait_s is None:
-                raise error
-            if attempt == attempts:
-                raise SourceError(f"{error.reason} (after {attempt} attempts)", error.body)
-            if wait_s > self._deadline - time.monotonic():
-                raise SourceError(
-                    f"{error.reason}; the next try in {wait_s:.0f} s would pass the fetch budget", error.body
-                )
-            log.warning("%s; retry %d of %d in %.1f s", error.reason, attempt, attempts - 1, wait_s)
-            time.sleep(wait_s)
-        raise AssertionError("unreachable")
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda error: isinstance(error, _Retryable) and error.wait_s is not None),
+            wait=lambda state: _failure(state).wait_s or 0.0,
+            stop=tenacity.stop_after_attempt(attempts) | self._past_budget,
+            before_sleep=lambda state: _log_retry(state, attempts),
+            retry_error_callback=lambda state: self._given_up(state, attempts),
+        )
+        try:
+            return retrying(self._attempt, url, params)
+        except _Retryable as failure:  # not worth retrying
+            raise failure.error from None
+
+    def _attempt(self, url: str, params: dict[str, Any]) -> requests.Response:
+        remaining_s = self._deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise SourceError(f"fetch budget of {self.settings.fetch_budget_s:.0f} s spent before {url}")
+        return self._request(url, params, timeout_s=min(self.settings.http_timeout_s, remaining_s))
+
+    def _past_budget(self, state: tenacity.RetryCallState) -> bool:
+        """Whether the wait before the next try would pass the fetch budget."""
+        return state.upcoming_sleep > self._deadline - time.monotonic()
+
+    def _given_up(self, state: tenacity.RetryCallState, attempts: int) -> requests.Response:
+        error = _failure(state).error
+        if state.attempt_number >= attempts:
+            raise SourceError(f"{error.reason} (after {state.attempt_number} attempts)", error.body)
+        raise SourceError(
+            f"{error.reason}; the next try in {state.upcoming_sleep:.0f} s would pass the fetch budget", error.body
+        )
 
     def _request(self, url: str, params: dict[str, Any], timeout_s: float) -> requests.Response:
         """One GET. Failures raise _Retryable, with the wait before the next try (None: do not retry)."""
@@ -643,6 +657,19 @@ class Client:
             raise _Retryable(error, backoff_s if retry_after is None else retry_after + random.uniform(0, 0.5))
         error = SourceError(f"HTTP {status} from {url}: {_gist(response.content)}", response.content)
         raise _Retryable(error, backoff_s if status >= 500 or status == 408 else None)
+
+
+def _log_retry(state: tenacity.RetryCallState, attempts: int) -> None:
+    reason = _failure(state).error.reason
+    log.warning("%s; retry %d of %d in %.1f s", reason, state.attempt_number, attempts - 1, state.upcoming_sleep)
+
+
+def _failure(state: tenacity.RetryCallState) -> _Retryable:
+    """The failure of the attempt that just ended (only _Retryable ones are retried)."""
+    assert state.outcome is not None
+    error = state.outcome.exception()
+    assert isinstance(error, _Retryable)
+    return error
 
 
 class _Retryable(Exception):

@@ -5,14 +5,23 @@ Every Airflow task is a new process. Importing dbt costs it 5-6 s of CPU, more t
 build-and-publish cycle; opening the three Delta tables of a merge costs ~15 ms of CPU each (the S3 client
 parses the system's CA certificates every time), half of a one-snapshot merge; and finding the pending
 snapshots lists all of raw/ (10-14 s after 30 days here). `trafficwatch worker` pays these once (then lists
-raw/ incrementally, see `lake.RawIndex`) and serves requests on a Unix socket,
+raw/ incrementally, see `raw.RawIndex`) and serves requests on a Unix socket,
 `$TRAFFICWATCH_HOME/run/worker.sock`, for the lake of its own home and bucket. Merges run one at a time,
 builds one at a time (the warehouse has a single writer); a build does not hold up the next merge.
 
-`merge_pending`, `count_pending` and `build_marts` hand their work to the worker when one listens for the
-same home and bucket, and otherwise do it in their own process. Either way the same functions do the work
-(`lake.merge_pending`, `lake.pending_raw`, `serving.build`), and failures come back as the same exceptions.
+`merge_pending`, `count_pending` and `build_marts` go through one path, `run`: it hands the operation to the
+worker when one listens for the same home and bucket, and otherwise does it in this process. Either way the
+same functions do the work (`lake.merge_pending`, `lake.pending_raw`, `serving.build`), the result has the same
+type, and a failure is raised as the same exception: the worker answers with the exception's class and
+arguments, and the requester raises that class again (`DataTestsFailed` with its failed tests). Only a failure
+whose class the requester cannot rebuild (not imported here, or not rebuilt from its arguments) comes back as
+`WorkerError`, with its one-line cause. A failure the worker did not expect (not a `BuildError` or
+`ConfigError`) carries the worker's one-line cause as `worker_cause`, ending with `WORKER_NOTE` (its traceback
+and the frames that name its table or key are in the worker), and `errors.failure` prints that line.
 The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
+
+A read writes nothing: a pending count on a lake whose merge log does not exist yet counts every landed
+snapshot, without creating the tables (the worker creates them when it starts, a merge when it runs).
 
 The worker is a service of its own, configured by its environment (`make demo` / `make up` and compose start it
 with the S3 variables): it works with its own credentials, never with the requester's, which do not travel. A
@@ -22,7 +31,9 @@ does the work in its own process with its own credentials.
 
 Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist", "home",
 "bucket", "s3_endpoint", "s3_access_key_id", "full_refresh"}`; answer `{"result", "log"}`, or
-`{"error", "failed_tests", "log"}`, or `{"mismatch"}` when the worker serves another lake or credentials.
+`{"error", "type", "args", "failed_tests", "unexpected", "log"}` (`type`: the exception's module and class name,
+`args` its arguments when JSON can carry them, `unexpected`: true when its traceback is in the worker's log), or
+`{"mismatch"}` when the worker serves another lake or credentials.
 """
 
 from __future__ import annotations
@@ -33,25 +44,32 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trafficwatch import errors, lake, serving, storage
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from trafficwatch import errors, lake, raw, serving, storage
 from trafficwatch.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "worker.sock"
 RELIST_RAW_S = 900.0
+WORKER_NOTE = "in the worker; traceback in its log"
 
 
 class WorkerError(RuntimeError):
-    """The worker failed a request for a reason other than the work itself (e.g. it stopped mid-way)."""
+    """The worker failed a request for a reason other than the work itself (e.g. it stopped mid-way), or with
+    an exception this process cannot raise again as the same class (the message is its one-line cause)."""
 
 
 def socket_path(settings: Settings) -> Path:
@@ -116,12 +134,12 @@ class Worker:
         self.settings = settings
         self.s3 = storage.s3_client(settings)
         self.tables = lake.OpenTables(settings)
-        self.raw = lake.RawIndex()
+        self.raw = raw.RawIndex()
         self.lake_lock = threading.Lock()  # merges and pending counts share the open tables
         self.build_lock = threading.Lock()  # the warehouse DuckDB has a single writer
 
     def relist_raw(self) -> None:
-        """A full listing of raw/ now and every RELIST_RAW_S, beside the merges (see `lake.RawIndex`)."""
+        """A full listing of raw/ now and every RELIST_RAW_S, beside the merges (see `raw.RawIndex`)."""
         while True:
             try:
                 self.raw.relist(self.s3, self.settings.bucket)
@@ -159,14 +177,27 @@ class Worker:
         with _collected_log() as lines:
             try:
                 return {"result": operation(request), "log": lines}
-            except serving.DataTestsFailed as failure:
-                return {"error": str(failure), "failed_tests": failure.tests, "log": lines}
-            except (serving.BuildError, ConfigError) as error:
-                return {"error": str(error), "failed_tests": [], "log": lines}
+            except (serving.BuildError, ConfigError) as error:  # the work's own failures, one line each
+                return {**_failure(error, str(error), unexpected=False), "log": lines}
             except Exception as error:  # the worker outlives any one request; the requester gets the cause
                 log.error("%s failed:\n%s", request.get("op"), traceback.format_exc())
-                cause = f"{errors.describe(error, self.settings)} (in the worker; traceback in its log)"
-                return {"error": cause, "failed_tests": [], "log": lines}
+                cause = f"{errors.describe(error, self.settings)} ({WORKER_NOTE})"
+                return {**_failure(error, cause, unexpected=True), "log": lines}
+
+
+def _failure(error: Exception, cause: str, unexpected: bool) -> dict[str, Any]:
+    """The error answer: what the requester needs to raise the same exception (see `_raise_failure`)."""
+    try:
+        arguments: list[Any] | None = json.loads(json.dumps(list(error.args)))
+    except (TypeError, ValueError):  # arguments JSON cannot carry: the requester gets a WorkerError
+        arguments = None
+    return {
+        "error": cause,
+        "type": [type(error).__module__, type(error).__qualname__],
+        "args": arguments,
+        "failed_tests": list(getattr(error, "tests", [])),
+        "unexpected": unexpected,
+    }
 
 
 def serve(settings: Settings, path: Path | None = None) -> None:
@@ -237,33 +268,107 @@ def _ask(settings: Settings, op: str, **arguments: Any) -> dict[str, Any] | None
     return answer
 
 
+# Where the exceptions of Rust extensions are exported: their classes name a module that is not importable
+# (delta-rs's say `_internal`, DuckDB's `_duckdb`).
+EXPORTED_IN = ("deltalake.exceptions", "duckdb")
+
+
+def _exception_class(module: str, name: str) -> Any:
+    """The class `module.name` as this process has it (None when it is not loaded here)."""
+    found = getattr(sys.modules.get(module), name, None)
+    for exported in EXPORTED_IN:
+        if found is not None:
+            break
+        candidate = getattr(sys.modules.get(exported), name, None)
+        found = candidate if getattr(candidate, "__module__", None) == module else None
+    return found
+
+
+def _raise_failure(answer: dict[str, Any]) -> None:
+    """Raise the exception the worker's error answer describes, as the same class when this process has it
+    (imported already: nothing is imported on the worker's word) and it is rebuilt from its arguments."""
+    module, name = answer.get("type") or ("", "")
+    cls = _exception_class(module, name)
+    error: Exception = WorkerError(answer["error"])
+    if cls is serving.DataTestsFailed:
+        error = serving.DataTestsFailed(answer["error"], answer.get("failed_tests", []))
+    elif isinstance(cls, type) and issubclass(cls, Exception) and answer.get("args") is not None:
+        try:
+            error = cls(*answer["args"])
+        except Exception:  # a constructor that wants other arguments: WorkerError, with the cause
+            error = WorkerError(answer["error"])
+    if answer.get("unexpected") and not isinstance(error, WorkerError):
+        error.worker_cause = answer["error"]  # type: ignore[attr-defined]  # see errors.worker_cause
+    raise error
+
+
+def _result(answer: dict[str, Any]) -> Any:
+    if "error" in answer:
+        _raise_failure(answer)
+    return answer["result"]
+
+
+def count_pending_here(settings: Settings) -> int:
+    """The pending count in this process, read only: without a merge log yet, every landed snapshot is pending
+    (nothing is created; `lake.ensure_tables` would create the tables)."""
+    s3 = storage.s3_client(settings)
+    try:
+        merge_log = DeltaTable(lake.table_uri(settings, lake.MERGE_LOG), storage_options=lake.storage_options(settings))
+    except TableNotFoundError:
+        return len(raw.list_raw(s3, settings.bucket))
+    return len(lake.pending_raw(settings, s3, {lake.MERGE_LOG: merge_log}))
+
+
+def _merge_here(settings: Settings) -> lake.MergeResult:
+    return lake.merge_pending(settings)
+
+
+def _build_here(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
+    return serving.build(settings, full_refresh=full_refresh)
+
+
+@dataclass(frozen=True)
+class _Operation:
+    here: Callable[..., Any]  # the work in this process
+    from_worker: Callable[[Any], Any]  # the worker's JSON result into the type `here` returns
+    done: str = ""  # the log line when the worker did it (none for the frequent pending counts)
+
+
+_OPERATIONS = {
+    "merge": _Operation(_merge_here, lake.MergeResult.from_dict),
+    "pending": _Operation(count_pending_here, int),
+    "build": _Operation(_build_here, serving.BuildResult.from_dict, done="built by the worker on %s"),
+}
+
+
+def run(settings: Settings, op: str, **arguments: Any) -> Any:
+    """Operation `op` ("merge", "pending", "build") in the worker when one serves this lake, else in this
+    process: the same result type and the same exceptions either way (see the module's docstring)."""
+    operation = _OPERATIONS[op]
+    answer = _ask(settings, op, **arguments)
+    if answer is None:
+        return operation.here(settings, **arguments)
+    result = operation.from_worker(_result(answer))
+    if operation.done:
+        log.info(operation.done, socket_path(settings))
+    return result
+
+
 def merge_pending(settings: Settings) -> lake.MergeResult:
     """`lake.merge_pending`: in the worker when one runs, else in this process."""
-    answer = _ask(settings, "merge")
-    if answer is None:
-        return lake.merge_pending(settings)
-    if "error" in answer:
-        raise WorkerError(answer["error"])
-    return lake.MergeResult.from_dict(answer["result"])
+    return run(settings, "merge")
 
 
 def count_pending(settings: Settings) -> int:
-    """How many landed snapshots wait to be merged: asked of the worker when one runs, else read here."""
-    pending = count_pending_in_worker(settings)
-    if pending is None:
-        return len(lake.pending_raw(settings, storage.s3_client(settings), lake.ensure_tables(settings)))
-    return pending
+    """How many landed snapshots wait to be merged: asked of the worker when one runs, else read here (read
+    only). The worker answers once any merge it is running is done (they share the open tables)."""
+    return run(settings, "pending")
 
 
 def count_pending_in_worker(settings: Settings) -> int | None:
-    """`count_pending` from the worker; None when no worker serves this home and bucket. It answers once any
-    merge it is running is done (they share the open tables)."""
+    """`count_pending` from the worker; None when no worker serves this home and bucket."""
     answer = _ask(settings, "pending")
-    if answer is None:
-        return None
-    if "error" in answer:
-        raise WorkerError(answer["error"])
-    return int(answer["result"])
+    return None if answer is None else int(_result(answer))
 
 
 def relist_raw(settings: Settings) -> bool:
@@ -273,19 +378,10 @@ def relist_raw(settings: Settings) -> bool:
     answer = _ask(settings, "relist")
     if answer is None:
         return False
-    if "error" in answer:
-        raise WorkerError(answer["error"])
+    _result(answer)
     return True
 
 
 def build_marts(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
     """dbt build and publish (`serving.build`): in the worker when one runs, else in this process."""
-    answer = _ask(settings, "build", full_refresh=full_refresh)
-    if answer is None:
-        return serving.build(settings, full_refresh=full_refresh)
-    if "error" in answer:
-        if answer.get("failed_tests"):
-            raise serving.DataTestsFailed(answer["error"], answer["failed_tests"])
-        raise serving.BuildError(answer["error"])
-    log.info("built by the worker on %s", socket_path(settings))
-    return serving.BuildResult.from_dict(answer["result"])
+    return run(settings, "build", full_refresh=full_refresh)

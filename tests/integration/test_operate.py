@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -35,7 +36,7 @@ def test_lag_compares_the_newest_landed_snapshot_with_the_serving_file(
     s3_settings: Settings, sample_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     serving_db = tmp_path / "serving.duckdb"
-    monkeypatch.setenv("TRAFFICWATCH_SERVING_DB", str(serving_db))
+    s3_settings = replace(s3_settings, serving_db=serving_db)  # TRAFFICWATCH_SERVING_DB, as load_settings reads it
     first = land_raw(s3_settings, redated(sample_bytes, 0))
 
     nothing_merged = operate.lag(s3_settings)  # no merge log table yet, no serving file

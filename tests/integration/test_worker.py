@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, land_raw, redated
-from trafficwatch import lake, services, serving, worker
+from trafficwatch import errors, lake, services, serving, storage, worker
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +109,34 @@ def test_a_socket_left_by_a_stopped_worker_means_working_here(s3_settings, sampl
         result = worker.build_marts(s3_settings)
     assert "[worker]" not in caplog.text and "built by the worker" not in caplog.text
     assert result.rows["segment_latest"] == SAMPLE_RECORDS
+
+
+def test_a_failing_merge_raises_the_same_exception_in_the_worker_and_here(running_worker) -> None:
+    settings = running_worker
+    assert worker.merge_pending(settings).merged_objects == 0  # the worker has its tables open
+    key = f"{lake.LAKE_PREFIX}{lake.MERGE_LOG}/_delta_log/00000000000000000001.json"
+    client = storage.s3_client(settings)
+    client.put_object(Bucket=settings.bucket, Key=key, Body=b"garbage, not a commit\n")
+
+    with pytest.raises(Exception) as in_worker:
+        worker.merge_pending(settings)
+    assert not isinstance(in_worker.value, worker.WorkerError)
+    assert errors.describe(in_worker.value).endswith(f"({worker.WORKER_NOTE})")  # its traceback is over there
+
+    services.stop(settings.home, "worker")
+    with pytest.raises(Exception) as here:
+        worker.merge_pending(settings)  # no worker: the same merge in this process
+    assert type(in_worker.value) is type(here.value)
+
+
+def test_a_pending_count_here_creates_no_table(s3_settings, sample_bytes) -> None:
+    client = storage.s3_client(s3_settings)
+
+    def lake_objects() -> list[str]:
+        listed = client.list_objects_v2(Bucket=s3_settings.bucket, Prefix=lake.LAKE_PREFIX)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+    assert worker.count_pending(s3_settings) == 0  # an empty bucket: no worker, read here
+    land_raw(s3_settings, sample_bytes)
+    assert worker.count_pending(s3_settings) == 1  # no merge log yet: every landed snapshot is pending
+    assert lake_objects() == []

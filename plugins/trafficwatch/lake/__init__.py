@@ -50,9 +50,6 @@ from trafficwatch.lake.tables import (
 from trafficwatch.lake.validation import dedupe, validate
 from trafficwatch.lake.writes import may_hold, merge_observations, merge_rejected
 
-# The raw zone's names worker.py and alerts.py reach through the lake (they live in trafficwatch.raw).
-from trafficwatch.raw import RAW_PREFIX, RawIndex, list_raw
-
 __all__ = [
     "APP_ID",
     "LAKE_PREFIX",
@@ -60,7 +57,6 @@ __all__ = [
     "MERGE_TABLES",
     "OBSERVATIONS",
     "PARTITIONS",
-    "RAW_PREFIX",
     "REJECTED",
     "SCHEMAS",
     "SEGMENTS",
@@ -69,7 +65,6 @@ __all__ = [
     "MaintenanceResult",
     "MergeResult",
     "OpenTables",
-    "RawIndex",
     "Tables",
     "append_merge_log",
     "backfill",
@@ -80,7 +75,6 @@ __all__ = [
     "expire_raw",
     "geometry_length_m",
     "gunzip",
-    "list_raw",
     "maintain",
     "may_hold",
     "merge_objects",
