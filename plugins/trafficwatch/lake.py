@@ -45,7 +45,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from trafficwatch import storage
 from trafficwatch.config import Settings
 from trafficwatch.landing import QUARANTINE_PREFIX, RAW_PREFIX, RAW_SUFFIX, measured_at_of, quarantine
-from trafficwatch.source import SnapshotRules, SourceError, check_plausible, normalize_payload
+from trafficwatch.payloads import SnapshotRules, SourceError, check_plausible, normalize_payload
 
 log = logging.getLogger(__name__)
 

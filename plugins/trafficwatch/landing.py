@@ -22,7 +22,8 @@ import botocore.exceptions
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
-from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SnapshotRules, SourceError, check_plausible
+from trafficwatch.payloads import SnapshotRules, SourceError, check_plausible
+from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import land_raw, redated
 from trafficwatch import lake
 from trafficwatch.config import Settings
-from trafficwatch.source import SnapshotRules
+from trafficwatch.payloads import SnapshotRules
 
 pytestmark = pytest.mark.integration
 

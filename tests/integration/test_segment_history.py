@@ -47,7 +47,7 @@ from tests.support import reference
 from trafficwatch import lake, storage
 from trafficwatch.config import Settings
 from trafficwatch.landing import raw_key
-from trafficwatch.source import normalize_payload
+from trafficwatch.payloads import normalize_payload
 
 pytestmark = pytest.mark.integration
 

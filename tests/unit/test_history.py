@@ -17,7 +17,7 @@ from trafficwatch import history
 from trafficwatch.config import ConfigError
 from trafficwatch.feed import DEFAULT_BASE, EXPORTS_PATH, FeedConfig, Simulator, load_snapshot, start_in_thread
 from trafficwatch.landing import raw_key
-from trafficwatch.source import normalize_payload
+from trafficwatch.payloads import normalize_payload
 
 PARIS = ZoneInfo("Europe/Paris")
 FORTNIGHT_START = datetime(2026, 11, 2, tzinfo=PARIS)  # a Monday, local midnight
