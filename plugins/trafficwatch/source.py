@@ -61,9 +61,6 @@ class FetchedSnapshot:
         return self.snapshot.record_count
 
 
-# --------------------------------------------------------------------------- fetching
-
-
 def _retry_after_s(response: requests.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if not value:
