@@ -123,8 +123,8 @@ def redated(sample_bytes: bytes, minutes: int) -> bytes:
 
 def land_raw(settings: Settings, body: bytes) -> str:
     """Put a payload under raw/ as the ingest would (gzip, keyed by its upstream datetime)."""
+    from trafficwatch.payloads import normalize_payload
     from trafficwatch.raw import raw_key
-    from trafficwatch.source import normalize_payload
 
     key = raw_key(normalize_payload(body).measured_at)
     from trafficwatch.storage import s3_client

@@ -11,12 +11,8 @@ from datetime import datetime
 from pathlib import Path
 
 from trafficwatch import cli
+from trafficwatch.cli_output import say
 from trafficwatch.config import load_settings
-
-
-def _say(text: str) -> None:
-    """A command's result on stdout (feed and history log to stderr live: nothing is held)."""
-    print(text, flush=True)
 
 
 def _cmd_feed(args: argparse.Namespace) -> int:
@@ -44,11 +40,11 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if args.action == "status":
-        _say(history.status_line(settings))
+        say(history.status_line(settings))
         return 0
     days = history.days_from_env() if args.days is None else args.days
     if days <= 0:
-        _say(f"history: nothing to seed ({history.DAYS_VARIABLE}=0)")
+        say(f"history: nothing to seed ({history.DAYS_VARIABLE}=0)")
         return 0
     os.nice(history.NICE)  # background work: the live minute goes first
     history.seed(settings, days, seed=args.seed)

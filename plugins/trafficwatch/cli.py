@@ -5,97 +5,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import io
 import json
 import logging
-import logging.handlers
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from trafficwatch import errors, localenv, services
-from trafficwatch.config import REPO_ROOT, ConfigError, home_from_env, load_settings
+from trafficwatch import cli_output, errors, localenv, services
+from trafficwatch.cli_output import LogWriter, say, show_held, to_terminal
+from trafficwatch.config import REPO_ROOT, ConfigError, load_settings
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Long-running commands: their stderr is their service log ($TRAFFICWATCH_HOME/logs/NAME.log), written live.
 # `feed` and `history` are the development commands of `trafficwatch-dev` (devtools/), run through `run`.
 SERVICES = ("worker", "feed", "history")
-_held: _HeldLog | None = None
-_stderr: TextIO = sys.stderr  # the terminal's stderr, kept for the command's own lines (see _other_output_to)
-
-
-def log_file_path() -> Path:
-    """The log of every command (of services: their warnings and errors), with every failure's traceback."""
-    return home_from_env() / "logs" / "trafficwatch.log"
-
-
-class _WithoutTraceback(logging.Formatter):
-    """A record's traceback goes to the log file, not to the terminal or a service log."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        try:
-            return super().format(record)
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
-
-
-class _HeldLog(logging.Handler):
-    """The log lines of a one-shot command, shown on stderr once it succeeds (before its result) and
-    dropped if it fails: a failure is one line on the terminal, the lines before it are in the log file."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-    def show(self) -> None:
-        for line in self.lines:
-            print(line, file=_stderr)
-        self.lines.clear()
-
-
-def _configure_logging(command: str, verbose: bool) -> list[logging.Handler]:
-    """Log records go to the log file, and to stderr: once a one-shot command succeeded, or live with -v or
-    for a service (its stderr is its own log). Tracebacks go to the log file only, unless -v."""
-    global _held
-    level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    root.setLevel(level)
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    _held = None
-    terminal: logging.Handler
-    if command in SERVICES or verbose:
-        terminal = logging.StreamHandler(sys.stderr)
-    else:
-        terminal = _held = _HeldLog()
-    if verbose:
-        terminal.setFormatter(logging.Formatter(LOG_FORMAT))
-    else:
-        terminal.setFormatter(_WithoutTraceback(LOG_FORMAT))
-        terminal.addFilter(lambda record: record.name != errors.log.name)  # main prints that line itself
-    handlers = [terminal]
-    path = log_file_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
-    except OSError:  # a read-only home: the terminal line still names the cause
-        log_file = None
-    if log_file is not None:
-        log_file.setLevel(logging.WARNING if command in SERVICES else level)  # services: their log has the rest
-        # Many processes append to it: each line says which process and command wrote it.
-        log_file.setFormatter(logging.Formatter(LOG_FORMAT.replace(" ", f" [%(process)d {command}] ", 1)))
-        handlers.append(log_file)
-    for handler in handlers:
-        root.addHandler(handler)
-    return handlers
 
 
 def _spare_aws_lookups() -> None:
@@ -114,32 +39,6 @@ def _spare_aws_lookups() -> None:
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
-class _LogWriter(io.TextIOBase):
-    """A text stream whose lines become log records: dbt's console output follows the command's log."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__()
-        self.logger = logger
-        self.partial = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        *lines, self.partial = (self.partial + text).split("\n")
-        for line in lines:
-            if line.strip():
-                self.logger.info(line.rstrip())
-        return len(text)
-
-
-def _say(text: str) -> None:
-    """A command's result, on stdout, after the log lines held for the terminal."""
-    if _held is not None:
-        _held.show()
-    print(text, flush=True)
-
-
 def _cmd_ingest(args: argparse.Namespace) -> int:
     """fetch the current snapshot once and land it in S3 (exit 0: landed or unchanged)
 
@@ -151,7 +50,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     result = landing.ingest(settings)
-    _say(result.summary(settings.bucket))
+    say(result.summary(settings.bucket))
     return 0
 
 
@@ -164,7 +63,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     """
     from trafficwatch import worker
 
-    _say(worker.merge_pending(load_settings()).summary())
+    say(worker.merge_pending(load_settings()).summary())
     return 0
 
 
@@ -172,9 +71,9 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from trafficwatch import lake
 
     if args.end <= args.start:
-        print(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}", file=_stderr)
+        to_terminal(f"backfill: --end {args.end.isoformat()} is not after --start {args.start.isoformat()}")
         return 2
-    _say(lake.backfill(load_settings(), args.start, args.end).summary())
+    say(lake.backfill(load_settings(), args.start, args.end).summary())
     return 0
 
 
@@ -187,16 +86,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """
     from trafficwatch import serving
 
-    _say(json.dumps(serving.status(load_settings()), indent=2))
+    say(json.dumps(serving.status(load_settings()), indent=2))
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from trafficwatch import worker
 
-    with contextlib.redirect_stdout(_LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
+    with contextlib.redirect_stdout(LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
         result = worker.build_marts(load_settings(), full_refresh=args.full_refresh)
-    _say(result.summary())
+    say(result.summary())
     return 0
 
 
@@ -209,10 +108,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     """
     from trafficwatch import serving
 
-    with contextlib.redirect_stdout(_LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
+    with contextlib.redirect_stdout(LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
         counts = serving.audit(load_settings())
     tests = counts["data tests"]
-    _say(f"audit passed: {tests} data tests" if tests else "nothing to audit: the marts have not been built yet")
+    say(f"audit passed: {tests} data tests" if tests else "nothing to audit: the marts have not been built yet")
     return 0
 
 
@@ -241,7 +140,7 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     """
     from trafficwatch import operate
 
-    _say(json.dumps(operate.lag(load_settings()), indent=2))
+    say(json.dumps(operate.lag(load_settings()), indent=2))
     return 0
 
 
@@ -257,11 +156,10 @@ def _cmd_check_freshness(args: argparse.Namespace) -> int:
 
     freshness = alerts.check_freshness(load_settings())
     if freshness.stale:
-        if _held is not None:
-            _held.show()
-        print(freshness.line, file=_stderr)
+        show_held()
+        to_terminal(freshness.line)
         return 1
-    _say(freshness.line)
+    say(freshness.line)
     return 0
 
 
@@ -275,9 +173,9 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
     stopped = operate.stop_all(load_settings().home)
     for name, was_running in stopped.items():
-        _say(f"{name}: {'stopped' if was_running else 'was not running'}")
+        say(f"{name}: {'stopped' if was_running else 'was not running'}")
     if not stopped:
-        _say("no service was started from this home")
+        say("no service was started from this home")
     return 0
 
 
@@ -285,7 +183,7 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
     """compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)"""
     from trafficwatch import lake
 
-    _say(lake.maintain(load_settings()).summary())
+    say(lake.maintain(load_settings()).summary())
     return 0
 
 
@@ -312,19 +210,19 @@ def _cmd_service(args: argparse.Namespace) -> int:
     home = load_settings().home
     if args.action == "stop":
         stopped = services.stop(home, args.name)
-        _say(f"{args.name}: {'stopped' if stopped else 'was not running'}")
+        say(f"{args.name}: {'stopped' if stopped else 'was not running'}")
         return 0
     if args.action == "status":
         pid = services.running_pid(home, args.name)
-        _say(f"{args.name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+        say(f"{args.name}: {'running, pid ' + str(pid) if pid else 'not running'}")
         return 0 if pid else 3
     service = _service(args.name)
     try:
         pid = services.start(service, home)
     except RuntimeError as error:  # its own one line: exited with code N, see its log
-        print(f"{args.name}: {error}", file=_stderr)
+        to_terminal(f"{args.name}: {error}")
         return 1
-    _say(f"{args.name}: running, pid {pid}, {service.url}")
+    say(f"{args.name}: running, pid {pid}, {service.url}")
     return 0
 
 
@@ -409,18 +307,19 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     the repository's .env, the generated secrets and the local defaults, as `source scripts/env.sh` gives
     them to the make targets (`localenv`); a variable set in the environment always wins. Called with `argv`
     (tests, in-process), the environment is left as it is."""
-    global _stderr
-    _stderr = sys.stderr
+    cli_output.start()
     args = parser.parse_args(argv)
     added: dict[str, str] = {}
     if argv is None:  # the console script: in a checkout, the local settings of the make targets (localenv)
         try:
             added = localenv.apply()
         except (OSError, ValueError) as error:  # an unreadable or malformed .env or secrets.env
-            print(f"configuration error: {error}", file=_stderr)
+            to_terminal(f"configuration error: {error}")
             return 2
-    handlers = _configure_logging(args.command, args.verbose)
-    log_file = log_file_path() if any(isinstance(handler, logging.FileHandler) for handler in handlers) else None
+    handlers = cli_output.configure_logging(args.command, args.verbose, service=args.command in SERVICES)
+    log_file = (
+        cli_output.log_file_path() if any(isinstance(handler, logging.FileHandler) for handler in handlers) else None
+    )
     if added:
         logging.getLogger(__name__).debug("local settings of %s: %s", REPO_ROOT, ", ".join(sorted(added)))
     _spare_aws_lookups()
@@ -428,7 +327,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     try:
         # From the console script, fd 2 stays on the log file until the process ends: object_store's runtime
         # threads can still panic while the interpreter shuts down ("Already shut down", seen after S3 went away).
-        with _other_output_to(log_file, until_exit=argv is None) if quiet else contextlib.nullcontext():
+        with cli_output.other_output_to(log_file, until_exit=argv is None) if quiet else contextlib.nullcontext():
             return _run(args, log_file)
     finally:
         for handler in handlers:
@@ -440,47 +339,16 @@ def _run(args: argparse.Namespace, log_file: Path | None) -> int:
     try:
         code = args.func(args)
     except ConfigError as error:
-        print(f"configuration error: {error}", file=_stderr)
+        to_terminal(f"configuration error: {error}")
         return 2
     except KeyboardInterrupt:
-        print(f"{args.command} interrupted", file=_stderr)
+        to_terminal(f"{args.command} interrupted")
         return 130
     except Exception as error:
-        print(errors.failure(args.command, error, traceback_in=log_file), file=_stderr)
+        to_terminal(errors.failure(args.command, error, traceback_in=log_file))
         return 1
-    if _held is not None:
-        _held.show()
+    show_held()
     return code
-
-
-@contextlib.contextmanager
-def _other_output_to(log_file: Path, until_exit: bool = False) -> Iterator[None]:
-    """Send to the log file whatever else writes to stderr: Rust panics and warnings of delta-rs, polars and
-    their object store (written straight to file descriptor 2), Python warnings, libraries' prints. The
-    terminal's stderr is kept for the command's own lines (`_stderr`)."""
-    global _stderr
-    entry = sys.stderr
-    entry.flush()
-    saved = os.dup(2)
-    try:
-        on_fd_2 = entry.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # replaced by a capture (tests): not the terminal's fd
-        on_fd_2 = False
-    terminal = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace") if on_fd_2 else entry
-    log_stream = open(log_file, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-    os.dup2(log_stream.fileno(), 2)
-    _stderr, sys.stderr = terminal, log_stream
-    try:
-        yield
-    finally:
-        terminal.flush()
-        _stderr, sys.stderr = entry, entry
-        if not until_exit:
-            os.dup2(saved, 2)
-            log_stream.close()
-        os.close(saved)
-        if terminal is not entry:
-            terminal.close()
 
 
 if __name__ == "__main__":

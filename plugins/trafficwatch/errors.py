@@ -90,7 +90,7 @@ def recognised(error: BaseException, settings: Settings | None = None) -> str | 
     if _is(error, "trafficwatch.serving", "BuildError"):  # dbt's message, which may hide an S3 failure
         s3 = _object_store(text, settings) if OBJECT_STORE.search(text) else None
         return f"{s3} (dbt build; serving file not published)" if s3 else _first_line(text, limit=None)
-    if _is(error, "trafficwatch.source", "SourceError"):
+    if _is(error, "trafficwatch.payloads", "SourceError"):
         return _first_line(getattr(error, "reason", text), limit=None)
     boto = _botocore(error, settings)
     if boto:

@@ -18,8 +18,9 @@ import botocore.exceptions
 
 from trafficwatch import storage
 from trafficwatch.config import Settings
+from trafficwatch.payloads import SnapshotRules, SourceError, check_plausible
 from trafficwatch.raw import metadata_text, quarantine, raw_key
-from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot, SnapshotRules, SourceError, check_plausible
+from trafficwatch.source import Client, FetchedSnapshot, KnownSnapshot
 
 log = logging.getLogger(__name__)
 

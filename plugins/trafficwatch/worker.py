@@ -54,9 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
-
 from trafficwatch import errors, lake, raw, serving, storage
 from trafficwatch.config import ConfigError, Settings
 
@@ -312,11 +309,10 @@ def count_pending_here(settings: Settings) -> int:
     """The pending count in this process, read only: without a merge log yet, every landed snapshot is pending
     (nothing is created; `lake.ensure_tables` would create the tables)."""
     s3 = storage.s3_client(settings)
-    try:
-        merge_log = DeltaTable(lake.table_uri(settings, lake.MERGE_LOG), storage_options=lake.storage_options(settings))
-    except TableNotFoundError:
+    merge_log = lake.existing_tables(settings, [lake.MERGE_LOG])[lake.MERGE_LOG]
+    if merge_log is None:
         return len(raw.list_raw(s3, settings.bucket))
-    return len(lake.pending_raw(settings, s3, {lake.MERGE_LOG: merge_log}))
+    return len(lake.pending_raw(settings, s3, lake.Tables({lake.MERGE_LOG: merge_log})))
 
 
 def _merge_here(settings: Settings) -> lake.MergeResult:

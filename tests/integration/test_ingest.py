@@ -15,7 +15,8 @@ import pytest
 from trafficwatch import storage
 from trafficwatch.config import Settings, load_settings
 from trafficwatch.landing import ingest
-from trafficwatch.source import EXPORTS_PATH, Client, normalize_payload
+from trafficwatch.payloads import normalize_payload
+from trafficwatch.source import EXPORTS_PATH, Client
 
 pytestmark = pytest.mark.integration
 

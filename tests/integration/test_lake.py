@@ -19,7 +19,7 @@ from tests.conftest import land_raw, redated
 from trafficwatch import lake, raw
 from trafficwatch.config import Settings
 from trafficwatch.lake import preparation
-from trafficwatch.source import SnapshotRules
+from trafficwatch.payloads import SnapshotRules
 
 pytestmark = pytest.mark.integration
 

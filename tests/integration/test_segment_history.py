@@ -48,8 +48,8 @@ from tests.support import reference
 from trafficwatch import lake, raw, storage
 from trafficwatch.config import Settings
 from trafficwatch.lake import merge, preparation, writes
+from trafficwatch.payloads import normalize_payload
 from trafficwatch.raw import raw_key
-from trafficwatch.source import normalize_payload
 
 pytestmark = pytest.mark.integration
 

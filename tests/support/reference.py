@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from trafficwatch import lake
-from trafficwatch.source import normalize_payload
+from trafficwatch.payloads import normalize_payload
 
 
 def accepted_rows(bodies: Iterable[bytes]) -> pl.DataFrame:

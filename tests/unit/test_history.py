@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from trafficwatch.config import ConfigError
+from trafficwatch.payloads import normalize_payload
 from trafficwatch.raw import raw_key
-from trafficwatch.source import normalize_payload
 from trafficwatch_dev import history
 from trafficwatch_dev.api import EXPORTS_PATH
 from trafficwatch_dev.feed import FeedConfig, start_in_thread

@@ -10,7 +10,7 @@ import pytest
 
 from trafficwatch import lake
 from trafficwatch.lake import dedupe, validate
-from trafficwatch.source import normalize_payload
+from trafficwatch.payloads import normalize_payload
 
 STATUSES = ("freeFlow", "heavy", "congested", "impossible", "unknown")  # the documented list
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 from tests.unit.conftest import BUCKET
 from trafficwatch import landing, raw
-from trafficwatch.source import FetchedSnapshot, normalize_payload
+from trafficwatch.payloads import normalize_payload
+from trafficwatch.source import FetchedSnapshot
 
 
 def _fetched(body: bytes, mode: str = "exports") -> FetchedSnapshot:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from trafficwatch.source import NORMALIZED_COLUMNS, SourceError, normalize_payload, parse_datetime
+from trafficwatch.payloads import NORMALIZED_COLUMNS, SourceError, normalize_payload, parse_datetime
 
 SAMPLE_RECORDS = 2859
 

@@ -21,8 +21,8 @@ from trafficwatch.config import Settings
 from trafficwatch.lake.geometry import GEOMETRY_TYPE
 from trafficwatch.lake.schema import OBSERVATIONS, SCHEMAS, SEGMENT_ATTRIBUTES, UTC_US
 from trafficwatch.lake.validation import dedupe, validate
+from trafficwatch.payloads import SnapshotRules, SourceError, check_plausible, normalize_payload
 from trafficwatch.raw import RawObject, key_time
-from trafficwatch.source import SnapshotRules, SourceError, check_plausible, normalize_payload
 
 
 @dataclass
