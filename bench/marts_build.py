@@ -58,7 +58,7 @@ from typing import Any
 
 import polars as pl
 
-from trafficwatch import lake, services, serving, worker
+from trafficwatch import dbt_build, lake, services, serving, worker
 from trafficwatch.config import Settings
 
 HISTORY_DAYS = 30
@@ -117,7 +117,7 @@ def _full_build_child(root: str) -> dict[str, Any]:
 
 def ensure_cached_marts(home: Path, history: dict[str, Any]) -> Path:
     """The marts of the cached 30-day history, built once (full refresh) per history and dbt project."""
-    root = home / "marts" / f"{history['id']}-{serving.project_fingerprint()}"
+    root = home / "marts" / f"{history['id']}-{dbt_build.project_fingerprint()}"
     done = root / "complete"
     if done.is_file():
         print(f"30-day marts: cached in {root}")
