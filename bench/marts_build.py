@@ -58,12 +58,12 @@ from typing import Any
 
 import polars as pl
 
-from trafficwatch import lake, services, serving, worker
+from trafficwatch import dbt_build, lake, services, serving, worker
 from trafficwatch.config import Settings
 
 # Run as a script (sys.path[0] is bench/): the repository root, for the environment helper the tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.environ import environ
+from trafficwatch.config import environ
 
 HISTORY_DAYS = 30
 DEFAULT_CYCLES = 5  # per series: the lake bench lands 23 new snapshots (2 x 5 + 1 needed)
@@ -121,7 +121,7 @@ def _full_build_child(root: str) -> dict[str, Any]:
 
 def ensure_cached_marts(home: Path, history: dict[str, Any]) -> Path:
     """The marts of the cached 30-day history, built once (full refresh) per history and dbt project."""
-    root = home / "marts" / f"{history['id']}-{serving.project_fingerprint()}"
+    root = home / "marts" / f"{history['id']}-{dbt_build.project_fingerprint()}"
     done = root / "complete"
     if done.is_file():
         print(f"30-day marts: cached in {root}")

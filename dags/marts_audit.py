@@ -34,8 +34,8 @@ def marts_audit() -> None:
     @task(execution_timeout=timedelta(minutes=20))
     def audit_lake_through_staging() -> dict:
         from trafficwatch.connections import task_settings
+        from trafficwatch.dbt_build import DataTestsFailed, audit
         from trafficwatch.errors import failure
-        from trafficwatch.serving import DataTestsFailed, audit
 
         settings = None
         try:

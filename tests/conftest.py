@@ -15,9 +15,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.support.environ import environ
 from trafficwatch import services
-from trafficwatch.config import Settings, load_settings
+from trafficwatch.config import Settings, environ, load_settings
 from trafficwatch_dev.feed import FeedConfig, FeedServer, start_in_thread
 from trafficwatch_dev.snapshots import DEFAULT_BASE
 

@@ -146,14 +146,7 @@ def assess(
     )
 
 
-def check_freshness(
-    settings: Settings,
-    s3: Any = None,
-    storage_options: dict[str, str] | None = None,
-    serving_db: Path | None = None,
-    now: datetime | None = None,
-    stale_after: float | None = None,
-) -> Freshness:
+def check_freshness(settings: Settings) -> Freshness:
     """Assess what the dashboards show now (the inputs of `trafficwatch lag`, read the same way).
 
     Only raw/ keys from the day before the newest data shown on are listed (keys sort by upstream time): a
@@ -161,20 +154,17 @@ def check_freshness(
     """
     from trafficwatch import lake, operate, raw, serving, storage
 
-    s3 = s3 or storage.s3_client(settings)
-    options = storage_options if storage_options is not None else lake.storage_options(settings)
-    now = now or datetime.now(UTC)
-    stale_after = settings.stale_after_s if stale_after is None else stale_after
-    serving_db = serving_db or serving.serving_db_path(settings)
+    s3 = storage.s3_client(settings)
+    serving_db = serving.serving_db_path(settings)
     served, _ = operate.served_latest(serving_db)
     start_after = f"{raw.RAW_PREFIX}date={(served - timedelta(days=1)).date().isoformat()}" if served else ""
     landed = {obj.key: obj.landed_at for obj in raw.list_raw(s3, settings.bucket, start_after=start_after)}
-    merged, refused = operate.merge_log_keys(settings, options)
+    merged, refused = operate.merge_log_keys(settings, lake.storage_options(settings))
     showable = operate.showable_snapshots(landed, refused)
     newest_key = max(showable, default=None)  # keys sort by upstream time
     newest = Landed(newest_key, showable[newest_key], landed[newest_key], newest_key in merged) if newest_key else None
     first_landed_at = min((landed[key] for key in showable), default=None)
-    return assess(served, newest, now, stale_after, first_landed_at, serving_db)
+    return assess(served, newest, datetime.now(UTC), settings.stale_after_s, first_landed_at, serving_db)
 
 
 # --------------------------------------------------------------------------- notifiers

@@ -106,10 +106,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     lake, known statuses, one road segment version in force), which the minute's build leaves out. Exit 1 with one
     line naming the failing tests.
     """
-    from trafficwatch import serving
+    from trafficwatch import dbt_build
 
     with contextlib.redirect_stdout(LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
-        counts = serving.audit(load_settings())
+        counts = dbt_build.audit(load_settings())
     tests = counts["data tests"]
     say(f"audit passed: {tests} data tests" if tests else "nothing to audit: the marts have not been built yet")
     return 0

@@ -8,7 +8,9 @@ delta-rs and dbt's DuckDB alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,3 +170,33 @@ def load_settings() -> Settings:
         airflow_port=_int("TRAFFICWATCH_AIRFLOW_PORT", 8080),
         superset_port=_int("TRAFFICWATCH_SUPERSET_PORT", 8088),
     )
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str | None], replace: bool = False) -> Iterator[None]:
+    """os.environ changed by `values` for the block (None: unset), and given back as it was afterwards. dbt reads
+    its profile from the environment in this process; tests and benches run stacks of other settings.
+
+    Only the variables whose value differs are written (and restored): setenv while another thread reads the C
+    environment (the Rust runtimes of delta-rs and polars resolving a host name) can crash the process, and a
+    worker builds with the same values every minute, so in steady state nothing is written. With `replace`, the
+    environment is `values` alone for the block, and is restored whole afterwards."""
+    saved = dict(os.environ) if replace else {name: os.environ.get(name) for name in values}
+    if replace:
+        os.environ.clear()
+    changed = {name: value for name, value in values.items() if os.environ.get(name) != value}
+    try:
+        _assign(changed)
+        yield
+    finally:
+        if replace:
+            os.environ.clear()
+        _assign({name: value for name, value in saved.items() if os.environ.get(name) != value})
+
+
+def _assign(values: Mapping[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -87,7 +87,7 @@ def recognised(error: BaseException, settings: Settings | None = None) -> str | 
     # Ours, already one line for people.
     if _is(error, "trafficwatch.landing", "IngestError") or _is(error, "trafficwatch.worker", "WorkerError"):
         return _first_line(text, limit=None)
-    if _is(error, "trafficwatch.serving", "BuildError"):  # dbt's message, which may hide an S3 failure
+    if _is(error, "trafficwatch.dbt_build", "BuildError"):  # dbt's message, which may hide an S3 failure
         s3 = _object_store(text, settings) if OBJECT_STORE.search(text) else None
         return f"{s3} (dbt build; serving file not published)" if s3 else _first_line(text, limit=None)
     if _is(error, "trafficwatch.payloads", "SourceError"):

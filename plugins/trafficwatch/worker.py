@@ -202,7 +202,7 @@ def serve(settings: Settings, path: Path | None = None) -> None:
     from dbt.cli.main import dbtRunner  # noqa: F401  the import this process exists to pay once
 
     # Set once, before any thread starts: a build then finds it set and writes no environment variable
-    # (serving._environment) while the Rust runtimes of other requests may read the environment.
+    # (config.environ) while the Rust runtimes of other requests may read the environment.
     os.environ["DO_NOT_TRACK"] = "1"
     worker = Worker(settings)
     worker.tables.get()  # open (or create) the tables now, not on the first merge

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.marts.fixtures import build_serving_db, pipeline_settings
-from tests.support.environ import environ
 from trafficwatch import services
+from trafficwatch.config import environ
 from trafficwatch_dev.simulator import Simulator
 from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 

@@ -29,8 +29,8 @@ import botocore.config
 import grpc
 import pytest
 
-from tests.support.environ import environ
 from trafficwatch import services
+from trafficwatch.config import environ
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ from airflow.dag_processing.dagbag import DagBag
 import trafficwatch.assets  # noqa: F401  (imported now, with the default bucket: see below)
 from tests.conftest import REPO, land_raw
 from tests.marts.fixtures import serving_config
-from trafficwatch import lake, serving
+from trafficwatch import dbt_build, lake, serving
 
 pytestmark = pytest.mark.integration
 
-FAILING_TEST = serving.GUARD_TEST
+FAILING_TEST = dbt_build.GUARD_TEST
 FINDING = "int_segment_last_observation: duplicate segment_key (2 rows)"
 # trafficwatch.assets reads the bucket when first imported; imported above, at collection, its assets keep
 # the default bucket instead of a test's, which the DAG integrity test checks whatever the test order.

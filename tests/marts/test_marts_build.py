@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import SAMPLE_RECORDS, land_raw
 from tests.marts.fixtures import assert_same_marts, comparable, read_marts, serving_config
-from trafficwatch import lake, serving
+from trafficwatch import dbt_build, lake, serving
 from trafficwatch_dev.simulator import Simulator
 from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
 
@@ -133,7 +133,7 @@ def test_a_simulated_day_builds_and_an_incremental_build_equals_a_full_refresh(s
 
     # Another project (here: its record of the views says so): the next build makes the views again.
     with duckdb.connect(str(config.warehouse_db)) as con:
-        con.execute(f"UPDATE main.{serving.VIEWS_STATE} SET fingerprint = 'another project'")
+        con.execute(f"UPDATE main.{dbt_build.VIEWS_STATE} SET fingerprint = 'another project'")
     assert serving.build(s3_settings, config).nodes["models"] == first.nodes["models"]
 
 

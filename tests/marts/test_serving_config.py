@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trafficwatch import serving
+from trafficwatch import dbt_build, serving
 from trafficwatch.config import ConfigError, load_settings
 
 
@@ -37,7 +37,7 @@ def _result(name: str, kind: str, status: str, message: str | None = None) -> Si
 
 
 def test_the_failure_message_is_one_line_naming_failed_tests_and_models() -> None:
-    message, tests = serving._failure_message(
+    message, tests = dbt_build._failure_message(
         [
             _result("segment_latest", "model", "success"),
             _result("unique_segment_latest_segment_key", "test", "fail", "Got 1 result"),

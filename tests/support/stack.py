@@ -15,10 +15,9 @@ from typing import Any
 
 import boto3
 
-from tests.support.environ import environ
 from tests.support.freshness import FreshnessWatcher, SnapshotFreshness, breakdown, task_runs
 from trafficwatch import services
-from trafficwatch.config import REPO_ROOT, Settings, load_settings
+from trafficwatch.config import REPO_ROOT, Settings, environ, load_settings
 from trafficwatch.operate import lag, stack_memory
 
 

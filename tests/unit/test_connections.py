@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from trafficwatch import errors, lake, serving, storage, worker
+from trafficwatch import dbt_build, errors, lake, storage, worker
 from trafficwatch.config import DEFAULT_API_URL, ConfigError, Settings, load_settings
 from trafficwatch.connections import connection_variables, task_settings
 
@@ -65,7 +65,7 @@ def test_the_s3_connection_wins_over_the_environment(monkeypatch) -> None:
     assert (frozen.access_key, frozen.secret_key) == ("connkey0001", "conn-secret-0001")
     options = lake.storage_options(settings)
     assert options["AWS_ACCESS_KEY_ID"] == "connkey0001" and options["AWS_ENDPOINT_URL"] == "http://conn-s3:9000"
-    dbt = serving._dbt_environment(settings, serving.ServingConfig.from_env(settings))
+    dbt = dbt_build._dbt_environment(settings, dbt_build.ServingConfig.from_env(settings))
     assert dbt["AWS_ACCESS_KEY_ID"] == "connkey0001" and dbt["AWS_SECRET_ACCESS_KEY"] == "conn-secret-0001"
     assert dbt["AWS_SESSION_TOKEN"] is None  # no stale token of the environment beside the connection's keys
     assert dbt["AWS_ENDPOINT_URL"] == "http://conn-s3:9000"
