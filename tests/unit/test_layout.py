@@ -1,0 +1,46 @@
+"""The shipped package stays the pipeline only: importing every module of `trafficwatch` loads neither the
+development tools (`trafficwatch_dev`: the feed, the simulator, the demo's history) nor test or bench code,
+and no module grows past what a newcomer reads at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "plugins" / "trafficwatch"
+MAX_LINES = 500
+
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+import trafficwatch
+names = [module.name for module in pkgutil.walk_packages(trafficwatch.__path__, "trafficwatch.")]
+for name in names:
+    importlib.import_module(name)
+foreign = sorted(name for name in sys.modules if name.split(".")[0] in ("trafficwatch_dev", "tests", "bench"))
+print(json.dumps({"modules": names, "foreign": foreign}))
+"""
+
+
+def test_the_pipeline_imports_no_dev_test_or_bench_code() -> None:
+    # Only plugins/ on the path: the package must import on its own, as in the image.
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL],
+        env={"PYTHONPATH": str(REPO / "plugins"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert "trafficwatch.lake.merge" in found["modules"] and "trafficwatch.raw" in found["modules"]
+    assert found["foreign"] == []
+
+
+def test_no_module_of_the_package_is_over_500_lines() -> None:
+    sizes = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 20
+    assert {name: lines for name, lines in sizes.items() if lines > MAX_LINES} == {}
