@@ -134,22 +134,15 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
 
 
 @pytest.fixture(scope="session")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def browser() -> Iterator[object]:
     """Debian's headless Chromium through Playwright (Playwright's own browser downloads do not work here)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser-install`")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        profile = tmp_path_factory.mktemp("chromium-profile")
-        context = playwright.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 2400},
-        )
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            yield context
+            yield browser  # each login gets a context of its own (test_live_traffic.log_in)
         finally:
-            context.close()
+            browser.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
-from playwright.sync_api import BrowserContext, Page
+from playwright.sync_api import Browser, Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from .conftest import REPO, SupersetInstance
@@ -95,14 +95,11 @@ LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .a
   .map(element => element.innerText)"""
 
 
-def log_in(context: BrowserContext, superset: SupersetInstance, username: str, password: str) -> Page:
-    """A new session for `username` in the shared browser context. The context's open pages are closed and its
-    cookies cleared first: a dashboard left open by an earlier test keeps sending requests (auto-refresh, log
-    beacons), and an answer to one of them arriving after the login would overwrite the new session cookie,
-    sending the login back to /login/."""
-    for page in list(context.pages):
-        page.close()
-    context.clear_cookies()
+def log_in(browser: Browser, superset: SupersetInstance, username: str, password: str) -> Page:
+    """A page logged in as `username`, in a browser context (cookie jar) of its own. Logins used to share one
+    context, its cookies cleared in between: a request of an earlier user's page still in flight (a log beacon
+    outlives its page) could answer after the clear with an anonymous session cookie, over the new login's."""
+    context = browser.new_context(viewport={"width": 1600, "height": 2400})
     page = context.new_page()
     # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
     page.set_default_timeout(120_000)
@@ -135,7 +132,7 @@ def map_colors(page: Page, chart_name: str, timeout_s: float = 60) -> dict[str, 
 
 
 def test_viewer_sees_live_traffic_and_no_sql_lab(
-    superset: SupersetInstance, browser: BrowserContext, serving_db: Path
+    superset: SupersetInstance, browser: Browser, serving_db: Path
 ) -> None:
     page = log_in(browser, superset, "viewer", superset.viewer_password)
     console_errors: list[str] = []

@@ -14,7 +14,7 @@ import duckdb
 import pytest
 import requests
 import yaml
-from playwright.sync_api import BrowserContext
+from playwright.sync_api import Browser
 
 from .conftest import REPO, SupersetInstance
 from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in, screenshot_dashboard
@@ -69,7 +69,7 @@ def dashboard_slugs(session: requests.Session, superset: SupersetInstance) -> se
 
 
 def test_operator_sees_every_health_chart_with_data_and_the_viewer_is_refused(
-    superset: SupersetInstance, browser: BrowserContext, serving_db: Path
+    superset: SupersetInstance, browser: Browser, serving_db: Path
 ) -> None:
     with duckdb.connect(str(serving_db), read_only=True) as con:
         (snapshots,) = con.execute("SELECT count(*) FROM health.snapshots WHERE visible_at IS NOT NULL").fetchone()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from playwright.sync_api import BrowserContext
+from playwright.sync_api import Browser
 
 from .conftest import REPO, SupersetInstance
 from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in, screenshot_dashboard
@@ -32,7 +32,7 @@ EMPTY = "No results were returned for this query"
 
 
 def test_viewer_sees_the_reliability_views_with_data(
-    superset: SupersetInstance, browser: BrowserContext, serving_db: Path
+    superset: SupersetInstance, browser: Browser, serving_db: Path
 ) -> None:
     with duckdb.connect(str(serving_db), read_only=True) as con:
         (days,) = con.execute("SELECT count(DISTINCT local_date) FROM road_reliability_daily").fetchone()

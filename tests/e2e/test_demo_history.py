@@ -148,7 +148,6 @@ def test_every_chart_has_data_within_ten_minutes_while_live_traffic_updates(
     viewer.close()
     first_shown = newest_shown(stack)
 
-    browser.clear_cookies()
     operator = log_in(browser, superset, "operator", environment["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"])
     url = f"{stack.superset_url}/superset/dashboard/pipeline-health/"
     empty = wait_for_data(operator, url, "pipeline_health", deadline)
