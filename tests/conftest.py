@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import gzip
 import json
 import os
 import secrets
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from _pytest.faulthandler import fault_handler_stderr_fd_key
 
 from trafficwatch import services
 from trafficwatch.config import Settings, environ, load_settings
@@ -31,6 +34,18 @@ os.environ["DO_NOT_TRACK"] = "1"
 # The `trafficwatch` commands the tests run take their settings from the tests alone, never from the checkout's
 # .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
 os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Airflow's DagBag installs a Python handler for SIGSEGV in this process and leaves it there: a crash in
+    native code (delta-rs, polars, DuckDB) then kills pytest without a word. Give the signal back to faulthandler,
+    writing where pytest's own faulthandler plugin writes (the real stderr, not the capture)."""
+    if callable(signal.getsignal(signal.SIGSEGV)):
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        faulthandler.disable()
+        faulthandler.enable(file=item.config.stash[fault_handler_stderr_fd_key], all_threads=True)
+
 
 SAMPLE = DEFAULT_BASE
 SAMPLE_RECORDS = 2859
