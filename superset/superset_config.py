@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from flask import Flask, Response, redirect, request
+from flask import Flask, Response, g, redirect, request
+from flask.sessions import SecureCookieSessionInterface, SessionMixin
 from flask_login import current_user
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -136,4 +137,35 @@ def _viewers_home(app: Flask) -> None:
         return redirect(HOME_DASHBOARD)
 
 
-FLASK_APP_MUTATOR = _viewers_home
+class _SessionCookies(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions (Superset's default), except that an ignored anonymous event log's answer
+    sets no cookie (see `_anonymous_event_logs_ignored`)."""
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if g.get("ignored_event_log"):
+            return
+        super().save_session(app, session, response)
+
+
+def _anonymous_event_logs_ignored(app: Flask) -> None:
+    """Submitting the login form unloads the login page, which then posts its event log (POST /superset/log/)
+    with the anonymous session cookie, beside the login in flight. Superset answered it with a redirect to the
+    login page and a session cookie (the anonymous session): arriving after the login's answer, that cookie
+    replaced the new session and the user was on the login page again. An anonymous event log is answered
+    here, empty and without a cookie, whatever Flask-Login or the locale wrote to the session meanwhile."""
+    app.session_interface = _SessionCookies()
+
+    @app.before_request
+    def ignore_anonymous_event_log() -> Response | None:
+        if request.method == "POST" and request.path == "/superset/log/" and current_user.is_anonymous:
+            g.ignored_event_log = True
+            return Response(status=204)
+        return None
+
+
+def _mutate(app: Flask) -> None:
+    _viewers_home(app)
+    _anonymous_event_logs_ignored(app)
+
+
+FLASK_APP_MUTATOR = _mutate

@@ -1,5 +1,6 @@
 """Behind an HTTPS proxy (TRAFFICWATCH_TLS_PROXY=1) Superset's session cookie is Secure and HSTS is sent;
-without it (plain http://127.0.0.1, the local default) the cookie is not, or no login would ever work.
+without it (plain http://127.0.0.1, the local default) the cookie is not, or no login would ever work. A request
+the login page sends as it unloads cannot undo the login.
 
 Superset's real application (superset_config.py through create_app) answers the login page in its own
 environment, on the test session's bootstrapped metadata, as a proxy would forward it.
@@ -11,6 +12,7 @@ import json
 import subprocess
 
 import pytest
+import requests
 
 from .conftest import REPO, SUPERSET_PYTHON, SupersetInstance
 
@@ -68,3 +70,19 @@ def test_a_misspelt_setting_is_refused(superset: SupersetInstance) -> None:
     done = login_page(superset, "yes")
     assert done.returncode != 0
     assert "TRAFFICWATCH_TLS_PROXY must be 0 or 1" in done.stderr
+
+
+def test_the_event_log_the_login_page_sends_as_it_unloads_cannot_undo_the_login(superset: SupersetInstance) -> None:
+    """Submitting the login form unloads the login page, which then posts its event log with the anonymous
+    session cookie: that request is in flight beside the login's. Superset answered it with a redirect to the
+    login page and a session cookie (the anonymous session and a flash message); when that answer came last, it
+    replaced the new login's cookie and the user was on the login page again (seen in the dashboards' tests,
+    viewer logins sent back to /login/?next=...). The answer to an anonymous event log sets no cookie."""
+    anonymous = requests.Session()
+    anonymous.get(f"{superset.url}/login/", timeout=60).raise_for_status()
+    assert "session" in anonymous.cookies  # the login page's anonymous session, the one the unload request carries
+    answer = anonymous.post(
+        f"{superset.url}/superset/log/?explode=events", data={"events": "[]"}, allow_redirects=False, timeout=60
+    )
+    assert answer.status_code < 500
+    assert "session" not in answer.cookies, answer.headers.get("Set-Cookie")
