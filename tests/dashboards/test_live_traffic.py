@@ -96,9 +96,9 @@ LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .a
 
 
 def log_in(browser: Browser, superset: SupersetInstance, username: str, password: str) -> Page:
-    """A page logged in as `username`, in a browser context (cookie jar) of its own. Logins used to share one
-    context, its cookies cleared in between: a request of an earlier user's page still in flight (a log beacon
-    outlives its page) could answer after the clear with an anonymous session cookie, over the new login's."""
+    """A page logged in as `username`, in a browser context (cookie jar) of its own, so no page of an earlier
+    user can send a cookie into it. (The login page's own event log, posted as it unloads, used to answer with
+    the anonymous session's cookie over the new login's: superset_config.py now answers it without a cookie.)"""
     context = browser.new_context(viewport={"width": 1600, "height": 2400})
     page = context.new_page()
     # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
