@@ -47,6 +47,36 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         faulthandler.enable(file=item.config.stash[fault_handler_stderr_fd_key], all_threads=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs pytest-xdist (`-n 2 --dist loadgroup`): a group runs whole on one worker. A module is
+    one group, so its module fixtures are made once; the dashboards tests are one group, so one Superset
+    serves all of them (it is a session fixture: each worker would start its own)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group("superset" if module.startswith("tests/dashboards/") else module))
+
+
+E2E_REPORT_PROPERTY = "trafficwatch_e2e_report"  # tests/e2e/conftest.py: the end-to-end figures, as lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The end-to-end tests' figures at the end of the run. Here, not in tests/e2e/: under pytest-xdist the
+    controlling process, which prints the summary, loads no conftest below this one."""
+    lines = [
+        line
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for name, value in getattr(report, "user_properties", ())
+        if name == E2E_REPORT_PROPERTY
+        for line in value
+    ]
+    if lines:
+        terminalreporter.section("TrafficWatch end to end: freshness, memory, timings")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 SAMPLE = DEFAULT_BASE
 SAMPLE_RECORDS = 2859
 
