@@ -15,8 +15,9 @@ DEMO_FEED_ARGS ?= --interval 60
 
 .PHONY: help install test test-demo screenshots lint demo up down stop status clean-data bench
 BENCH_ARGS ?=
-# pytest-xdist workers for `make test`, one per core here. A module runs whole on one worker, and so do all the
-# dashboards tests (one Superset): see pytest_collection_modifyitems in tests/conftest.py.
+# pytest-xdist workers for `make test`, one per core here. `--dist loadscope`: a module runs whole on one worker,
+# so its module fixtures (the end-to-end stack among them) are made once. (`loadgroup` would also keep the
+# dashboards modules on one Superset, but pytest-xdist 3.8 cannot tag groups on pytest 9's node ids.)
 TEST_WORKERS ?= 2
 
 # Superset's own environment and bootstrap live beside its configuration.
@@ -39,7 +40,7 @@ lint: install ## ruff on the code
 
 # Tests start their own S3 server, feed and Airflow home on free ports: they never touch .data/.
 test: install superset-install browser-install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
-	rc=0; $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup || rc=$$?; \
+	rc=0; $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-demo: install superset-install browser-install ## the demo's own test: make demo with its history, every chart with data within 10 min (~20 min)

@@ -47,16 +47,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         faulthandler.enable(file=item.config.stash[fault_handler_stderr_fd_key], all_threads=True)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs pytest-xdist (`-n 2 --dist loadgroup`): a group runs whole on one worker. A module is
-    one group, so its module fixtures are made once; the dashboards tests are one group, so one Superset
-    serves all of them (it is a session fixture: each worker would start its own)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group("superset" if module.startswith("tests/dashboards/") else module))
-
-
 E2E_REPORT_PROPERTY = "trafficwatch_e2e_report"  # tests/e2e/conftest.py: the end-to-end figures, as lines
 
 
