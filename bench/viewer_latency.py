@@ -185,6 +185,7 @@ def marts_bench() -> ModuleType:
 
 
 def describe_serving(path: Path) -> dict[str, Any]:
+    """What the dashboards read: the file's size and the Rennes days its daily marts hold."""
     with duckdb.connect(str(path), read_only=True) as con:
         first, last, days = con.execute(
             "SELECT min(local_date), max(local_date), count(DISTINCT local_date) FROM main.road_reliability_daily"
