@@ -74,7 +74,7 @@ _airflow:
 	# (AIRFLOW_CONN_* variables already set in the shell or .env are kept): see trafficwatch/connections.py.
 	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(TW) service start airflow
 
-bench: install superset-install ## every benchmark (lake merge, marts build, stack freshness), one report in .data/bench/report.json
+bench: install superset-install browser-install ## every benchmark (lake merge, marts build, stack freshness, viewer latency), one report in .data/bench/report.json
 	$(ENV) $(VENV)/bin/python bench/report.py $(BENCH_ARGS)
 
 down: ## stop everything `make demo` / `make up` started (every service of $TRAFFICWATCH_HOME, by process group)

@@ -135,6 +135,25 @@ def ensure_cached_marts(home: Path, history: dict[str, Any]) -> Path:
     return root
 
 
+def ensure_marts(s3: Any, manifest: Any, home: Path) -> tuple[dict[str, Any], Path]:
+    """The cached 30-day history and the directory of its cached marts, each made first if missing."""
+    LM.ensure_raw_zone(s3)
+    history = LM.ensure_history_30d(s3, manifest, ensure_one_day(s3, manifest))
+    return history, ensure_cached_marts(home, history)
+
+
+def cached_serving_db() -> Path:
+    """The serving DuckDB of the cached 30-day marts, for the benches that read what the dashboards read
+    (bench/viewer_latency.py); made first, with its history, when missing. The bench S3 server runs meanwhile."""
+    home = LM.bench_home()
+    if services.running_pid(home, "s3"):
+        raise RuntimeError(f"another benchmark is using {home}/s3: run the benches one after the other")
+    manifest = LM.Manifest.load(home)
+    with LM.bench_s3(home):
+        _, root = ensure_marts(LM.s3_client(), manifest, home)
+    return root / "serving" / "traffic.duckdb"
+
+
 def working_copy(cached: Path, work: Path) -> None:
     """A copy of the cached marts to run cycles on: the cache stays as the history it matches."""
     shutil.rmtree(work, ignore_errors=True)
@@ -306,10 +325,8 @@ def main() -> int:
     with LM.bench_s3(home) as endpoint:
         print(f"S3: {endpoint} (SeaweedFS, random keys)")
         s3 = LM.s3_client()
-        LM.ensure_raw_zone(s3)
-        history = LM.ensure_history_30d(s3, manifest, ensure_one_day(s3, manifest))
+        history, cached = ensure_marts(s3, manifest, home)
         observations = history["tables"][lake.OBSERVATIONS]["rows"]
-        cached = ensure_cached_marts(home, history)
         work = home / "marts-work"
         working_copy(cached, work)
         keys = LM.new_keys()

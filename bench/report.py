@@ -6,9 +6,13 @@ Runs, each in its own process and each printing its own detail as it goes:
    process and through the worker), pending discovery;
 2. `bench/marts_build.py`: the build-and-publish cycle after a new snapshot over 30 days of history;
 3. `bench/stack_freshness.py`: the whole stack (`make demo` on a temporary home) and the time from a
-   snapshot landing in S3 to being visible in `segment_latest`, with the memory of the running stack.
+   snapshot landing in S3 to being visible in `segment_latest`, with the memory of the running stack;
+4. `bench/viewer_latency.py`: Superset over the marts bench's cached 30-day serving file, as the viewer (the
+   operator for Pipeline health): each chart's data through the chart data API, past the cache and from it
+   (p50 and p95 per chart), and each dashboard's render in headless Chromium, cache empty and full.
 
-Then prints one table of the headline figures (medians; p95 for freshness) against their targets and
+Then prints one table of the headline figures (medians; p95 for freshness; for the viewer, the worst chart's
+p95 and the slowest dashboard's median render) against their targets and
 writes everything to `$TRAFFICWATCH_HOME/bench/report.json`. Figures only: nothing here asserts a time.
 Extra arguments go to the lake benchmark (e.g. `make bench BENCH_ARGS=--profile`).
 """
@@ -31,6 +35,7 @@ STAGES = (
     ("lake", "lake_merge.py"),
     ("marts", "marts_build.py"),
     ("stack", "stack_freshness.py"),
+    ("viewer", "viewer_latency.py"),
 )
 
 
@@ -56,6 +61,7 @@ def _get(figures: dict[str, Any], *path: str) -> float | None:
 def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str, str]]:
     """(what, figure, unit, target) for the table."""
     lake, marts, stack = stages["lake"], stages["marts"], stages["stack"]
+    viewer = stages["viewer"].get("headline", {})  # the worst chart's and the slowest dashboard's figures
     return [
         ("lake: one-day backfill (4.1 M rows)", _get(lake, "backfill_1d", "median_s"), "s", "< 60 s"),
         ("lake: one-day backfill throughput", _get(lake, "backfill_1d", "rows_per_s"), "rows/s", ""),
@@ -73,6 +79,10 @@ def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str
         ("stack: freshness, landing to segment_latest, p95", _get(stack, "freshness_p95_s"), "s", "<= 30 s"),
         ("stack: memory of the running stack, peak RSS", _get(stack, "stack_rss_mb"), "MiB", ""),
         ("stack: memory of the running stack, peak PSS", _get(stack, "stack_pss_mb"), "MiB", ""),
+        ("viewer: chart data, forced, worst chart's p95", _get(viewer, "worst_forced_p95_ms"), "ms", "<= 200 ms"),
+        ("viewer: chart data, cached, worst chart's p95", _get(viewer, "worst_cached_p95_ms"), "ms", ""),
+        ("viewer: dashboard render, cache empty, slowest", _get(viewer, "worst_render_empty_cache_s"), "s", "<= 5 s"),
+        ("viewer: dashboard render, cache full, slowest", _get(viewer, "worst_render_full_cache_s"), "s", "<= 5 s"),
     ]  # fmt: skip
 
 

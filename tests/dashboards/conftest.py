@@ -2,11 +2,13 @@
 
 Superset runs from its own environment (.venv-superset, `make superset-install`) in its own process group
 through `trafficwatch.services`, on a free port; it is stopped by its process group. The browser is Debian's
-Chromium (`make browser-install`), driven by Playwright.
+Chromium (`make browser-install`), driven by Playwright. `running_superset`, `log_in` and `ALL_CHARTS_SETTLED`
+also serve bench/viewer_latency.py (bench code may import tests; the pipeline imports neither).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,14 +19,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import yaml
 
 from tests.marts.fixtures import build_serving_db, pipeline_settings
 from trafficwatch import services
 from trafficwatch.config import environ
 from trafficwatch_dev.simulator import Simulator
 from trafficwatch_dev.snapshots import DEFAULT_BASE, load_snapshot
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 REPO = Path(__file__).resolve().parents[2]
 SUPERSET_PYTHON = REPO / ".venv-superset" / "bin" / "python"
@@ -100,12 +107,11 @@ def run_bootstrap(env: dict[str, str]) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="session")
-def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iterator[SupersetInstance]:
-    """Superset bootstrapped (migrated, roles, users, bundle) in a temporary home, serving `serving_db`."""
-    if not SUPERSET_PYTHON.exists():
-        pytest.fail(f"{SUPERSET_PYTHON} is missing: run `make superset-install`")
-    home = tmp_path_factory.mktemp("superset-home")
+@contextlib.contextmanager
+def running_superset(home: Path, serving_db: Path) -> Iterator[SupersetInstance]:
+    """Superset bootstrapped (migrated, roles, users, bundle) in `home` with fresh random secrets, serving
+    `serving_db`, on a free port; stopped by its process group on exit. The fixture below and
+    bench/viewer_latency.py both run it."""
     port = _free_port()
     settings = {
         "TRAFFICWATCH_HOME": str(home),
@@ -134,6 +140,69 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
 
 
 @pytest.fixture(scope="session")
+def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iterator[SupersetInstance]:
+    """Superset bootstrapped (migrated, roles, users, bundle) in a temporary home, serving `serving_db`."""
+    if not SUPERSET_PYTHON.exists():
+        pytest.fail(f"{SUPERSET_PYTHON} is missing: run `make superset-install`")
+    with running_superset(tmp_path_factory.mktemp("superset-home"), serving_db) as instance:
+        yield instance
+
+
+# --------------------------------------------------------------------------- in the browser
+
+# Whether a dashboard has finished rendering: `expected` chart holders, none loading, each with something
+# drawn (or an error, which CHART_ERRORS reports), and the deck.gl maps' canvases sized.
+ALL_CHARTS_SETTLED = """(expected) => {
+  const charts = document.querySelectorAll('[data-test-chart-id]');
+  if (charts.length < expected) return false;
+  for (const chart of charts) {
+    if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) continue;  // reported below
+    if (chart.querySelector('[data-test="loading-indicator"]')) return false;
+    if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
+    const canvas = chart.querySelector('canvas#deckgl-overlay');
+    if (chart.getAttribute('data-test-viz-type') === 'deck_path' && (!canvas || canvas.width <= 300)) return false;
+  }
+  return true;
+}"""
+
+CHART_ERRORS = """() => Array.from(document.querySelectorAll('[data-test-chart-id]'))
+  .filter(chart => chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')
+                   || !chart.querySelector('[data-test="chart-container"]'))
+  .map(chart => `${chart.getAttribute('data-test-chart-name')}: ${chart.innerText.slice(0, 300)}`)"""
+
+
+def chart_count(dashboard_yaml: Path) -> int:
+    position = yaml.safe_load(dashboard_yaml.read_text())["position"]
+    return sum(1 for node in position.values() if isinstance(node, dict) and node.get("type") == "CHART")
+
+
+LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .ant-alert, .ant-message'))
+  .map(element => element.innerText)"""
+
+
+def log_in(browser: Browser, superset: SupersetInstance, username: str, password: str) -> Page:
+    """A page logged in as `username`, in a browser context (cookie jar) of its own, so no page of an earlier
+    user can send a cookie into it. (The login page's own event log, posted as it unloads, used to answer with
+    the anonymous session's cookie over the new login's: superset_config.py now answers it without a cookie.)"""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    context = browser.new_context(viewport={"width": 1600, "height": 2400})
+    page = context.new_page()
+    # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
+    page.set_default_timeout(120_000)
+    page.goto(f"{superset.url}/login/")
+    page.fill('[data-test="username-input"]', username)
+    page.fill('[data-test="password-input"]', password)
+    page.click('[data-test="login-button"]')
+    try:
+        page.wait_for_url(lambda url: "/login" not in url, timeout=60_000)
+    except PlaywrightTimeout:
+        said = page.evaluate(LOGIN_MESSAGES)
+        raise AssertionError(f"{username}: still on {page.url} 60 s after logging in, the page says {said}") from None
+    return page
+
+
+@pytest.fixture(scope="session")
 def browser() -> Iterator[object]:
     """Debian's headless Chromium through Playwright (Playwright's own browser downloads do not work here)."""
     if not CHROMIUM.exists():
@@ -143,6 +212,6 @@ def browser() -> Iterator[object]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            yield browser  # each login gets a context of its own (test_live_traffic.log_in)
+            yield browser  # each login gets a context of its own (log_in)
         finally:
             browser.close()

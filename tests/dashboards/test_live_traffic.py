@@ -12,11 +12,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import yaml
 from playwright.sync_api import Browser, Page
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from .conftest import REPO, SupersetInstance
+from .conftest import ALL_CHARTS_SETTLED, CHART_ERRORS, REPO, SupersetInstance, chart_count, log_in
 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 
@@ -32,24 +30,6 @@ ONLY_ROAD_IN_TABLE = f"""(road) => {{
   return rows.length === 1 && rows[0].querySelector('td').innerText.trim() === road;
 }}"""
 MAP_CANVAS_SIZES = "() => Array.from(document.querySelectorAll('canvas#deckgl-overlay'), c => [c.width, c.height])"
-ALL_CHARTS_SETTLED = """(expected) => {
-  const charts = document.querySelectorAll('[data-test-chart-id]');
-  if (charts.length < expected) return false;
-  for (const chart of charts) {
-    if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) continue;  // reported below
-    if (chart.querySelector('[data-test="loading-indicator"]')) return false;
-    if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
-    const canvas = chart.querySelector('canvas#deckgl-overlay');
-    if (chart.getAttribute('data-test-viz-type') === 'deck_path' && (!canvas || canvas.width <= 300)) return false;
-  }
-  return true;
-}"""
-
-CHART_ERRORS = """() => Array.from(document.querySelectorAll('[data-test-chart-id]'))
-  .filter(chart => chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')
-                   || !chart.querySelector('[data-test="chart-container"]'))
-  .map(chart => `${chart.getAttribute('data-test-chart-name')}: ${chart.innerText.slice(0, 300)}`)"""
-
 # Decode a PNG in the page (no imaging library in the test environment) and count pixels of each colour.
 COUNT_COLORS = """async ([png, colors]) => {
   const image = new Image();
@@ -72,11 +52,6 @@ COUNT_COLORS = """async ([png, colors]) => {
 }"""
 
 
-def chart_count(dashboard_yaml: Path) -> int:
-    position = yaml.safe_load(dashboard_yaml.read_text())["position"]
-    return sum(1 for node in position.values() if isinstance(node, dict) and node.get("type") == "CHART")
-
-
 def screenshot_dashboard(page: Page, path: Path, expected: int) -> None:
     """The whole dashboard as one image, in a viewport as tall as the page. Chromium's full-page capture
     came out as an empty grey grid on dashboards with a filter bar: the charts are laid out again while
@@ -89,30 +64,6 @@ def screenshot_dashboard(page: Page, path: Path, expected: int) -> None:
     time.sleep(2)  # the charts' drawing animations
     page.screenshot(path=str(path), timeout=180_000)
     page.set_viewport_size(viewport)
-
-
-LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .ant-alert, .ant-message'))
-  .map(element => element.innerText)"""
-
-
-def log_in(browser: Browser, superset: SupersetInstance, username: str, password: str) -> Page:
-    """A page logged in as `username`, in a browser context (cookie jar) of its own, so no page of an earlier
-    user can send a cookie into it. (The login page's own event log, posted as it unloads, used to answer with
-    the anonymous session's cookie over the new login's: superset_config.py now answers it without a cookie.)"""
-    context = browser.new_context(viewport={"width": 1600, "height": 2400})
-    page = context.new_page()
-    # Two WebGL maps drawn in software keep a loaded machine's renderer busy: be patient with every action.
-    page.set_default_timeout(120_000)
-    page.goto(f"{superset.url}/login/")
-    page.fill('[data-test="username-input"]', username)
-    page.fill('[data-test="password-input"]', password)
-    page.click('[data-test="login-button"]')
-    try:
-        page.wait_for_url(lambda url: "/login" not in url, timeout=60_000)
-    except PlaywrightTimeout:
-        said = page.evaluate(LOGIN_MESSAGES)
-        raise AssertionError(f"{username}: still on {page.url} 60 s after logging in, the page says {said}") from None
-    return page
 
 
 def kpi_text(page: Page, chart_name: str) -> str:

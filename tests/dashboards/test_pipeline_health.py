@@ -16,8 +16,8 @@ import requests
 import yaml
 from playwright.sync_api import Browser
 
-from .conftest import REPO, SupersetInstance
-from .test_live_traffic import ALL_CHARTS_SETTLED, ARTIFACTS, CHART_ERRORS, chart_count, log_in, screenshot_dashboard
+from .conftest import ALL_CHARTS_SETTLED, CHART_ERRORS, REPO, SupersetInstance, chart_count, log_in
+from .test_live_traffic import ARTIFACTS, screenshot_dashboard
 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 

@@ -30,15 +30,14 @@ import duckdb
 import pytest
 
 from tests.conftest import REPO
-from tests.dashboards.conftest import browser  # noqa: F401  the dashboards' headless Chromium, as a fixture here
-from tests.dashboards.test_live_traffic import (
+from tests.dashboards.conftest import (
     ALL_CHARTS_SETTLED,
-    ARTIFACTS,
     CHART_ERRORS,
+    browser,  # noqa: F401  the dashboards' headless Chromium, as a fixture here
     chart_count,
     log_in,
-    screenshot_dashboard,
 )
+from tests.dashboards.test_live_traffic import ARTIFACTS, screenshot_dashboard
 from tests.support.stack import LocalStack
 from trafficwatch import operate
 
