@@ -47,11 +47,6 @@ unset -f _rand
 _exports="$(_localenv exports)" || return 1
 eval "$_exports"
 
-# glibc gives threads that allocate at once arenas of their own (up to 8 per core), and memory freed there stays
-# mapped: the threaded servers (Airflow's api-server, Superset, the worker) grow so. Two arenas keep that down
-# at the cost of some lock contention in malloc, which servers this quiet do not feel.
-export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
-
 # Airflow: everything under the data directory, DAGs from the repository.
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$TRAFFICWATCH_HOME/airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="$_repo/dags"
