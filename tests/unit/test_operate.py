@@ -59,10 +59,11 @@ def test_stack_memory_counts_every_process_of_the_groups(tmp_path: Path) -> None
 def test_stack_memory_counts_the_processes_in_groups_of_their_own(tmp_path: Path) -> None:
     sid = _start(tmp_path, "airflow", GROUP_OF_ITS_OWN)
     try:
-        deadline = time.monotonic() + 10
-        while len(operate.session_members(sid)) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        # The child leaves the group between its fork and its exec: wait until it has.
+        while (len(operate.session_members(sid)), len(operate.group_members(sid))) != (2, 1):
+            assert time.monotonic() < deadline, "the child never started in a group of its own"
             time.sleep(0.1)
-        assert len(operate.group_members(sid)) == 1, "the child is in a group of its own"
         assert operate.stack_memory(tmp_path).processes == 2
     finally:
         for pid in operate.session_members(sid):  # stop_all stops the service's group, not the child's
