@@ -53,7 +53,15 @@ export AIRFLOW__CORE__DAGS_FOLDER="$_repo/dags"
 # The library is installed in the environment; Airflow need not import it as a plugin.
 export AIRFLOW__CORE__PLUGINS_FOLDER="$AIRFLOW_HOME/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
+# Sized for one machine (the stack's memory is measured as PSS by bench/stack_freshness.py). The LocalExecutor
+# forks this many worker processes at start, idle or not, and each running task adds a process of its own:
+# three slots hold what runs at once in steady state (an ingest, a merge, a marts build; the merge sensor waits
+# in the triggerer, not in a slot); a fourth task (the freshness check, an hourly DAG) waits for the next free one.
+export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-3}"
+# The dag-processor forks a parsing process per DAG file, this many at a time (default 2), each the size of an
+# Airflow process: one parses the six DAG files (7 s in all, measured on two busy cores) well within the 30 s
+# between parses of a file.
+export AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES="${AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES:-1}"
 # A task process parses its DAG file before it runs. On 2 busy cores (a merge of a day of history next to
 # it), that parse passed the default 30 s: the task was put back to UP_FOR_RESCHEDULE and the build waited a
 # minute. The limit is there to catch a DAG file that hangs, and 120 s still catches one.
@@ -63,6 +71,8 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MA
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE="$AIRFLOW_HOME/passwords.json"
 export AIRFLOW__API__PORT="$TRAFFICWATCH_AIRFLOW_PORT"
 export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}"
+# One api-server process (uvicorn workers are whole copies of it): the UI, the REST API and the execution API of
+# a handful of tasks at a time are light work.
 export AIRFLOW__API__WORKERS="${AIRFLOW__API__WORKERS:-1}"
 # Task processes report to the API server's execution API: without this they call localhost:8080 whatever
 # TRAFFICWATCH_AIRFLOW_PORT says, and every task fails with "connection refused" on another port.

@@ -36,7 +36,7 @@ STOP_ORDER = ("superset", "airflow", "*", "feed", "s3")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (which may hold spaces): state is [0], pgrp [2]."""
+    """/proc/PID/stat after the command name (which may hold spaces): state is [0], pgrp [2], session [3]."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -50,10 +50,20 @@ def _pids() -> list[int]:
 
 def group_members(pgid: int) -> list[int]:
     """Live processes of a process group (zombies excluded: they hold no memory and are being reaped)."""
+    return _live_with(2, pgid)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of a session: a service's process group and the groups its processes made of their own
+    (every Airflow task process leads a group of its own, in the session of the standalone that started it)."""
+    return _live_with(3, sid)
+
+
+def _live_with(index: int, value: int) -> list[int]:
     members = []
     for pid in _pids():
         fields = _stat_fields(pid)
-        if fields and fields[2] == str(pgid) and fields[0] != "Z":
+        if fields and fields[index] == str(value) and fields[0] != "Z":
             members.append(pid)
     return members
 
@@ -134,7 +144,7 @@ def stop_all(home: Path, timeout_s: float = 30.0) -> dict[str, bool]:
 
 @dataclass(frozen=True)
 class Memory:
-    """Memory of the processes of the services' process groups, at one moment."""
+    """Memory of the processes of the services' sessions, at one moment."""
 
     processes: int
     rss_bytes: int  # sum of RSS: pages shared between forked processes are counted in each
@@ -146,10 +156,11 @@ class Memory:
 
 
 def stack_memory(home: Path) -> Memory:
-    """Sum of RSS (and PSS) of every process in the running services' process groups."""
+    """Sum of RSS (and PSS) of every process in the running services' sessions (each service starts one: its
+    pid is its session's id), so the Airflow task processes, each in a process group of its own, count too."""
     per_service, processes, pss = {}, 0, 0
-    for name, pgid in service_groups(home).items():
-        members = group_members(pgid)
+    for name, sid in service_groups(home).items():
+        members = session_members(sid)
         processes += len(members)
         per_service[name] = sum(rss_bytes(pid) for pid in members)
         pss += sum(pss_bytes(pid) for pid in members)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,11 @@ STUBBORN = (
     "time.sleep(600)']); time.sleep(600)"
 )
 PLAIN = "import time; time.sleep(600)"
+# A service whose child leads a process group of its own, as every Airflow task process does.
+GROUP_OF_ITS_OWN = (
+    "import subprocess, sys, time; "
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], process_group=0); time.sleep(600)"
+)
 
 
 def _start(home: Path, name: str, script: str) -> int:
@@ -46,6 +53,21 @@ def test_stack_memory_counts_every_process_of_the_groups(tmp_path: Path) -> None
         assert memory.rss_bytes == memory.per_service_rss["airflow"] > 2 * 2**20
         assert 0 < memory.pss_bytes <= memory.rss_bytes
     finally:
+        operate.stop_all(tmp_path, timeout_s=2)
+
+
+def test_stack_memory_counts_the_processes_in_groups_of_their_own(tmp_path: Path) -> None:
+    sid = _start(tmp_path, "airflow", GROUP_OF_ITS_OWN)
+    try:
+        deadline = time.monotonic() + 30
+        # The child leaves the group between its fork and its exec: wait until it has.
+        while (len(operate.session_members(sid)), len(operate.group_members(sid))) != (2, 1):
+            assert time.monotonic() < deadline, "the child never started in a group of its own"
+            time.sleep(0.1)
+        assert operate.stack_memory(tmp_path).processes == 2
+    finally:
+        for pid in operate.session_members(sid):  # stop_all stops the service's group, not the child's
+            os.kill(pid, signal.SIGKILL)
         operate.stop_all(tmp_path, timeout_s=2)
 
 
