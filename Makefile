@@ -15,10 +15,11 @@ DEMO_FEED_ARGS ?= --interval 60
 
 .PHONY: help install test test-demo screenshots lint demo up down stop status clean-data bench
 BENCH_ARGS ?=
-# pytest-xdist workers for `make test`, one per core here. `--dist loadscope`: a module runs whole on one worker,
-# so its module fixtures (the end-to-end stack among them) are made once. (`loadgroup` would also keep the
-# dashboards modules on one Superset, but pytest-xdist 3.8 cannot tag groups on pytest 9's node ids.)
-TEST_WORKERS ?= 2
+# pytest-xdist workers for `make test` (0: one process, no workers). `--dist loadscope`: a module runs whole on one
+# worker, so its module fixtures (the end-to-end stack among them) are made once. Two workers ran the suite in 16 min
+# instead of ~36 on this 2-core machine, but one such run failed tests/dashboards/test_trends.py (its serving file
+# held one local day, not two; not understood yet, it passes alone and in one process): off by default until it is.
+TEST_WORKERS ?= 0
 
 # Superset's own environment and bootstrap live beside its configuration.
 include superset/superset.mk
