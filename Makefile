@@ -17,7 +17,7 @@ DEMO_FEED_ARGS ?= --interval 60
 BENCH_ARGS ?=
 # pytest-xdist workers for `make test` (0: one process, no workers). `--dist loadscope`: a module runs whole on one
 # worker, so its module fixtures (the end-to-end stack among them) are made once. Two workers ran the suite in 16 min
-# instead of ~36 on this 2-core machine, but one such run failed tests/dashboards/test_trends.py (its serving file
+# instead of 25 on this 2-core machine, but one such run failed tests/dashboards/test_trends.py (its serving file
 # held one local day, not two; not understood yet, it passes alone and in one process): off by default until it is.
 TEST_WORKERS ?= 0
 
