@@ -130,12 +130,7 @@ def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = N
 
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
-    # Go's garbage collector lets the heap grow to twice what is live before it collects (GOGC=100): weed's PSS
-    # went from ~60 to 170-260 MiB while it served the lake's files. Half that headroom, unless GOGC is set.
-    env = {"GOGC": os.environ.get("GOGC", "50")}
-    return Service(
-        "s3", command, ready, endpoint, env, prepare=lambda: write_seaweedfs_security(security_dir), umask=0o077
-    )
+    return Service("s3", command, ready, endpoint, prepare=lambda: write_seaweedfs_security(security_dir), umask=0o077)
 
 
 def write_private(path: Path, content: bytes | str) -> None:
