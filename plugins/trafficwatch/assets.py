@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from airflow.sdk import Asset
 
-from trafficwatch.config import load_settings
-from trafficwatch.serving import serving_db_path
+# Light imports only: every DAG file imports this module, so every task process and DAG parse does too.
+from trafficwatch.config import load_settings, serving_db_path
 
 _settings = load_settings()
 _bucket = _settings.bucket

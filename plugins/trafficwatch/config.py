@@ -172,6 +172,14 @@ def load_settings() -> Settings:
     )
 
 
+def serving_db_path(settings: Settings) -> Path:
+    """The file dashboards open read-only: TRAFFICWATCH_SERVING_DB, else $TRAFFICWATCH_HOME/serving/traffic.duckdb.
+
+    Here rather than in dbt_build (which re-exports it) so that trafficwatch.assets, imported by every DAG file
+    and so by every task process and DAG parse, imports no DuckDB, polars, delta-rs or boto3 for it."""
+    return settings.serving_db or settings.home / "serving" / "traffic.duckdb"
+
+
 @contextlib.contextmanager
 def environ(values: Mapping[str, str | None], replace: bool = False) -> Iterator[None]:
     """os.environ changed by `values` for the block (None: unset), and given back as it was afterwards. dbt reads

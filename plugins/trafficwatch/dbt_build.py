@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 
 from trafficwatch.config import REPO_ROOT, Settings, environ
+from trafficwatch.config import serving_db_path as serving_db_path  # where serving and older callers name it
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,6 @@ class ServingConfig:
             serving_db=serving_db_path(settings),
             serving_days=settings.serving_days,
         )
-
-
-def serving_db_path(settings: Settings) -> Path:
-    """The file dashboards open read-only: TRAFFICWATCH_SERVING_DB, else $TRAFFICWATCH_HOME/serving/traffic.duckdb."""
-    return settings.serving_db or settings.home / "serving" / "traffic.duckdb"
 
 
 @contextlib.contextmanager

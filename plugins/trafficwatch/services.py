@@ -2,8 +2,8 @@
 simulated history.
 
 `make` starts and stops them through `trafficwatch service start|stop|status NAME`; the tests use the same
-functions with a temporary home. Each service runs in its own process group (Airflow standalone leaves
-children behind on a plain SIGTERM), with its pid in `<home>/run/NAME.pid` and its log in
+functions with a temporary home. Each service runs in its own process group (a service's children, Airflow's
+components and task processes, must not outlive it), with its pid in `<home>/run/NAME.pid` and its log in
 `<home>/logs/NAME.log`.
 """
 
@@ -261,15 +261,18 @@ def history(bucket: str) -> Service:
 
 
 def airflow(port: int) -> Service:
+    """Airflow's api-server, scheduler, dag-processor and triggerer, started by trafficwatch.airflow_components
+    (a parent of a few MiB, where `airflow standalone`'s took ~144 MiB of PSS); ready when the api-server's
+    health endpoint answers."""
     url = f"http://127.0.0.1:{port}"
-    bin_dir = str(Path(venv_bin("airflow")).parent)
-    # standalone launches `airflow` subprocesses by name, so the environment's bin must lead PATH.
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    airflow_bin = venv_bin("airflow")
+    # Airflow may start `airflow` subprocesses by name: the environment's bin must lead PATH.
+    env = {"PATH": f"{Path(airflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Its tasks take S3 and the API from Airflow connections: made from the local settings, unless set already.
     env.update(connections.connection_variables(os.environ))
     return Service(
         "airflow",
-        [venv_bin("airflow"), "standalone"],
+        [sys.executable, "-m", "trafficwatch.airflow_components", airflow_bin],
         http_ok(f"{url}/api/v2/monitor/health"),
         url,
         env,

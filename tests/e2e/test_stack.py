@@ -220,6 +220,60 @@ def test_airflow_lands_merges_and_serves_every_snapshot_once(e2e: E2E, record_pr
     e2e.first_phase_done = True
 
 
+def _airflow_session(stack: LocalStack) -> requests.Session:
+    """A session on the stack's Airflow REST API as its admin (the password scripts/env.sh generated)."""
+    url = f"http://127.0.0.1:{stack.env['TRAFFICWATCH_AIRFLOW_PORT']}"
+    password = stack.environment()["TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD"]
+    token = requests.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30)
+    assert token.status_code == 201, token.text[:300]
+    session = requests.Session()
+    session.headers.update(Authorization=f"Bearer {token.json()['access_token']}", Accept="application/json")
+    return session
+
+
+def _task_log(
+    stack: LocalStack, session: requests.Session, dag_id: str, task_id: str, states: list[str]
+) -> dict[str, Any]:
+    """The newest task instance of `task_id` in one of `states`, and its log as the Airflow UI reads it."""
+    dag_url = f"http://127.0.0.1:{stack.env['TRAFFICWATCH_AIRFLOW_PORT']}/api/v2/dags/{dag_id}/dagRuns"
+    listed = session.get(
+        f"{dag_url}/~/taskInstances",
+        params={"task_id": task_id, "state": states, "order_by": "-start_date", "limit": 1},
+        timeout=30,
+    )
+    assert listed.status_code == 200, listed.text[:300]
+    (ti,) = listed.json()["task_instances"]
+    log = session.get(
+        f"{dag_url}/{ti['dag_run_id']}/taskInstances/{task_id}/logs/{ti['try_number']}",
+        params={"full_content": "true"},
+        timeout=60,
+    )
+    assert log.status_code == 200, log.text[:300]
+    return {"state": ti["state"], "events": [str(line.get("event", "")) for line in log.json()["content"]]}
+
+
+def test_task_logs_are_readable_through_the_api(e2e: E2E) -> None:
+    """The scheduler and triggerer run without log servers (--skip-serve-logs): the api-server reads task logs
+    from the shared log folder, finished and deferred tasks alike."""
+    if not e2e.first_phase_done:
+        pytest.skip("the first run did not complete")
+    stack = e2e.stack
+    session = _airflow_session(stack)
+    logs_dir = str(stack.home / "airflow" / "logs")
+    ingest = _task_log(stack, session, "traffic_ingest", "fetch_and_land", ["success"])
+    assert any(event.startswith(logs_dir) for event in ingest["events"]), ingest["events"][:10]
+    assert len(ingest["events"]) > 5, ingest["events"]
+    sensor = _task_log(stack, session, "traffic_merge", "wait_for_landed_snapshots", ["success"])
+    assert any("landed snapshots are waiting to be merged" in event for event in sensor["events"]), sensor["events"]
+    waiting = _task_log(stack, session, "traffic_merge", "wait_for_landed_snapshots", ["deferred", "success"])
+    assert any(event.startswith(logs_dir) for event in waiting["events"]), waiting["events"][:10]
+    e2e.report.append(
+        f"task logs through the API: ingest {len(ingest['events'])} lines, merge sensor {len(sensor['events'])}, "
+        f"a {waiting['state']} sensor {len(waiting['events'])}; sources: "
+        + "; ".join(e for e in waiting["events"] if e.startswith(logs_dir) or "served logs" in e)
+    )
+
+
 def test_down_and_demo_again_in_the_middle_merge_every_snapshot_once(e2e: E2E, record_property: Any) -> None:
     if not e2e.first_phase_done:
         pytest.skip("the first run did not complete")
