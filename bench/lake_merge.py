@@ -46,7 +46,10 @@ version otherwise), a checkpoint written (the state maintenance leaves), the new
 Run: `make bench`, or `.venv/bin/python bench/lake_merge.py [--profile]`. `--profile` then prints the wall
 and CPU time of each step of the merge (ensure_tables, prepare, validate, each MERGE, ...) for one more
 backfill and 11 more single merges per history size, by wrapping the lake package's functions in the
-profiling process (the package itself is not changed).
+profiling process (the package itself is not changed). `--only backfill [--runs N]` runs the backfill alone
+(N runs, 3 by default, each into a fresh bucket dropped afterwards; with `--profile`, one more profiled): each
+run also prints the CPU seconds of the preparation workers and the cores busy ((CPU of the process and its
+workers) / wall; 2.0 = both cores busy throughout).
 """
 
 from __future__ import annotations
