@@ -46,7 +46,10 @@ version otherwise), a checkpoint written (the state maintenance leaves), the new
 Run: `make bench`, or `.venv/bin/python bench/lake_merge.py [--profile]`. `--profile` then prints the wall
 and CPU time of each step of the merge (ensure_tables, prepare, validate, each MERGE, ...) for one more
 backfill and 11 more single merges per history size, by wrapping the lake package's functions in the
-profiling process (the package itself is not changed).
+profiling process (the package itself is not changed). `--only backfill [--runs N]` runs the backfill alone
+(N runs, 3 by default, each into a fresh bucket dropped afterwards; with `--profile`, one more profiled): each
+run also prints the CPU seconds of the preparation workers and the cores busy ((CPU of the process and its
+workers) / wall; 2.0 = both cores busy throughout).
 """
 
 from __future__ import annotations
@@ -349,15 +352,29 @@ class Run:
     peak_kib: int
     rows: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds of the processes it waited for during the call (the preparation workers), and their
+    # largest peak RSS (ru_maxrss: a peak over the process's children so far, 0 if none)
+    children_cpu: float = 0.0
+    children_peak_kib: int = 0
+
+    @property
+    def busy_cores(self) -> float:
+        """CPU seconds of the process and its workers per wall second: 2.0 is two cores busy throughout."""
+        return (self.cpu + self.children_cpu) / self.seconds if self.seconds else 0.0
 
 
 def timed_merge(settings: Settings, objects: list[raw.RawObject], peak: PeakRss) -> Run:
     """`lake.merge_objects(settings, objects)`, timed: what the brief measures, nothing around it."""
     peak.reset()
     cpu = time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with stopwatch() as took:
         result = lake.merge_objects(settings, objects)
-    return Run(took(), time.process_time() - cpu, peak.read(), result.observations, result.as_dict())
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children_cpu = waited.ru_utime + waited.ru_stime - children.ru_utime - children.ru_stime
+    run = Run(took(), time.process_time() - cpu, peak.read(), result.observations, result.as_dict())
+    run.children_cpu, run.children_peak_kib = children_cpu, waited.ru_maxrss
+    return run
 
 
 def _backfill_child(bucket: str) -> Run:
@@ -892,6 +909,42 @@ def report(backfills: list[Run], series: dict[int, Series], histories: dict[int,
 # --------------------------------------------------------------------------- main
 
 
+def print_backfill_run(number: int, run: Run) -> None:
+    print(
+        f"backfill run {number}: {run.seconds:.1f} s (CPU {run.cpu:.1f} s, its workers' {run.children_cpu:.1f} s: "
+        f"{run.busy_cores:.2f} cores busy), {run.rows / run.seconds:,.0f} rows/s, peak RSS {gb(run.peak_kib)} "
+        f"(workers' {gb(run.children_peak_kib)}), load {load_text()}, {run.detail}",
+        flush=True,
+    )
+
+
+def backfills_only(s3: Any, runs: int, with_profile: bool) -> None:
+    """`--only backfill`: the backfill runs alone, each into a fresh bucket dropped afterwards."""
+    done = []
+    for number in range(1, runs + 1):
+        bucket = f"bench-backfill-{uuid.uuid4().hex[:8]}"
+        try:
+            done.append(backfill_run(s3, bucket))
+        finally:
+            drop_bucket(s3, bucket)
+        print_backfill_run(number, done[-1])
+    seconds = median([r.seconds for r in done])
+    print(
+        f"one-day backfill, code {code_version()}: median {seconds:.1f} s "
+        f"(runs: {runs_text([r.seconds for r in done], 1)}), "
+        f"{done[0].rows / seconds:,.0f} rows/s, cores busy {runs_text([r.busy_cores for r in done], 2)}, "
+        f"peak RSS {gb(max(r.peak_kib for r in done))}; load average now: {load_text()}"
+    )
+    if with_profile:
+        bucket = f"bench-profile-{uuid.uuid4().hex[:8]}"
+        fresh_bucket(s3, bucket)
+        copy_objects(s3, RAW_BUCKET, bucket, day_keys())
+        try:
+            print_profile("one-day backfill", in_child(_profile_child, bucket, day_keys()))
+        finally:
+            drop_bucket(s3, bucket)
+
+
 def ensure_history_1d(s3: Any, manifest: Manifest) -> tuple[dict[str, Any] | None, list[Run]]:
     """The backfill runs; run 1's tables become the 1-day history when none is cached."""
     one_day = cached_history(s3, manifest, 1)
@@ -905,11 +958,7 @@ def ensure_history_1d(s3: Any, manifest: Manifest) -> tuple[dict[str, Any] | Non
         bucket = HISTORY_BUCKETS[1] if keep else f"bench-backfill-{uuid.uuid4().hex[:8]}"
         run = backfill_run(s3, bucket)
         runs.append(run)
-        print(
-            f"backfill run {number}: {run.seconds:.1f} s (CPU {run.cpu:.1f} s), peak RSS {gb(run.peak_kib)}, "
-            f"load {load_text()}, {run.detail}",
-            flush=True,
-        )
+        print_backfill_run(number, run)
         if keep:
             print(f"  {bucket}: {lake.maintain(settings_for(bucket)).summary()}")
             one_day = record_history(manifest, 1)
@@ -922,6 +971,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--profile", action="store_true", help="add the time per step of the merge")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--only", choices=["backfill"], help="only this stage: backfill = the one-day backfill runs (no histories)"
+    )
+    parser.add_argument("--runs", type=int, default=BACKFILL_RUNS, help="backfill runs with --only backfill")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -932,6 +985,10 @@ def main() -> int:
         print(f"S3: {endpoint} (SeaweedFS, random keys)")
         s3 = s3_client()
         ensure_raw_zone(s3)
+        if args.only == "backfill":
+            backfills_only(s3, args.runs, args.profile)
+            print(f"\ntotal wall time: {time.perf_counter() - started:.0f} s; load average now: {load_text()}")
+            return 0
         one_day, backfills = ensure_history_1d(s3, manifest)
         if one_day is None:
             raise RuntimeError("no 1-day history after the backfill runs")

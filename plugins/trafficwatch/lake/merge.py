@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,10 @@ from trafficwatch.raw import RawIndex, RawObject, key_time
 log = logging.getLogger(__name__)
 
 OBJECTS_PER_COMMIT = 720  # ~2 M rows: bounds memory on long backfills
+# A chunk is committed as soon as the previous commit is done and it holds this many objects (or, at the
+# latest, OBJECTS_PER_COMMIT): the commits follow the preparation closely, so the last one, which nothing
+# else overlaps, is small. Fewer objects per commit would add commits (and data files) for little gain.
+MIN_OBJECTS_PER_COMMIT = 120
 
 
 @dataclass
@@ -81,21 +85,35 @@ def merge_objects(
 ) -> MergeResult:
     """Merge the given landed objects into the lake (idempotent), then record them in the merge log.
 
-    Objects are committed in chunks of OBJECTS_PER_COMMIT (bounded memory on long backfills) while the
-    next ones are being prepared.
+    Objects are committed a chunk at a time, in order, by one committing thread while the next ones are
+    being prepared (`prepared_tasks`: worker processes for many objects). A chunk goes to the committer as
+    soon as it is free and the chunk holds MIN_OBJECTS_PER_COMMIT objects, and waits for it at
+    OBJECTS_PER_COMMIT (bounded memory on long backfills): chunks are large while commits lag behind the
+    preparation and small at the end, so that the last commit, alone on the machine, is short. One commit
+    at a time, each finished before the next starts: a chunk that fails stops the merge there, and every
+    object not in the merge log stays pending, as before.
     """
     started = time.perf_counter()
     s3 = s3 or storage.s3_client(settings)
     result = MergeResult()
-    with ThreadPoolExecutor(max_workers=1) as background:
+    smallest = min(MIN_OBJECTS_PER_COMMIT, OBJECTS_PER_COMMIT)
+    with ThreadPoolExecutor(max_workers=1) as committer:
         # The tables open (S3 round trips, without the GIL) while the first objects are parsed (CPU).
-        opening = background.submit(lambda: tables or ensure_tables(settings, MERGE_TABLES))
+        opening = committer.submit(lambda: tables or ensure_tables(settings, MERGE_TABLES))
+        committing: Future[None] | None = None
         chunk: list[Prepared] = []
         for prepared in prepared_tasks(settings, s3, objects):
             chunk.append(prepared)
-            if sum(len(p.counts) for p in chunk) >= OBJECTS_PER_COMMIT:
-                _merge_chunk(settings, s3, opening.result(), chunk, result)
-                chunk = []
+            size = sum(len(p.counts) for p in chunk)
+            busy = committing is not None and not committing.done()
+            if size < smallest or (busy and size < OBJECTS_PER_COMMIT):
+                continue
+            if committing is not None:
+                committing.result()  # raises what the previous chunk's commit raised
+            committing = committer.submit(_merge_chunk, settings, s3, opening.result(), chunk, result)
+            chunk = []
+        if committing is not None:
+            committing.result()
         if chunk:
             _merge_chunk(settings, s3, opening.result(), chunk, result)
     result.seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@ deduplicate them, in this process or, for many objects, in spawned worker proces
 
 from __future__ import annotations
 
+import collections
 import gzip
 import itertools
 import multiprocessing
@@ -62,6 +63,9 @@ OBJECTS_PER_TASK = 24  # objects one worker prepares at a time: consecutive minu
 # Fewer objects are prepared in this process. A spawned worker costs 1-5 s to start (under Airflow it
 # imports Airflow again), ~20 s of parsing here pays for that many times over.
 PROCESSES_FROM = 240
+# Tasks submitted to the workers ahead of the one the merge waits for: enough to keep them busy while a
+# commit holds the merge back (~10 s of parsing on two cores), few enough to bound what waits in memory.
+TASKS_AHEAD = 16
 
 
 def gunzip(data: bytes) -> bytes:
@@ -171,7 +175,8 @@ def prepared_tasks(settings: Settings, s3: Any, objects: list[RawObject]) -> Ite
 
     Many objects (a backlog, a backfill) are prepared by worker processes, one per core and one more: parsing is pure
     Python work that one process's GIL would serialize. Workers are spawned, never forked: this process
-    holds threads (delta-rs, boto3) that a fork would copy in an unknown state.
+    holds threads (delta-rs, boto3) that a fork would copy in an unknown state. They work at most
+    TASKS_AHEAD tasks ahead of the consumer: prepared objects waiting for their commit stay bounded.
     """
     tasks = [objects[i : i + OBJECTS_PER_TASK] for i in range(0, len(objects), OBJECTS_PER_TASK)]
     cores = os.cpu_count() or 1
@@ -183,6 +188,14 @@ def prepared_tasks(settings: Settings, s3: Any, objects: list[RawObject]) -> Ite
     workers = min(cores + 1, len(tasks), 5)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        yield from pool.map(_prepare_in_worker, itertools.repeat(settings), tasks)
+        waiting = iter(tasks)
+        ahead = collections.deque(
+            pool.submit(_prepare_in_worker, settings, task) for task in itertools.islice(waiting, TASKS_AHEAD)
+        )
+        while ahead:
+            prepared = ahead.popleft().result()
+            for task in itertools.islice(waiting, 1):
+                ahead.append(pool.submit(_prepare_in_worker, settings, task))
+            yield prepared
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
