@@ -17,9 +17,11 @@ DEMO_FEED_ARGS ?= --interval 60
 BENCH_ARGS ?=
 # pytest-xdist workers for `make test` (0: one process, no workers). `--dist loadscope`: a module runs whole on one
 # worker, so its module fixtures (the end-to-end stack among them) are made once. Two workers ran the suite in 16 min
-# instead of 25 on this 2-core machine, but one such run failed tests/dashboards/test_trends.py (its serving file
-# held one local day, not two; not understood yet, it passes alone and in one process): off by default until it is.
-TEST_WORKERS ?= 0
+# instead of 25 on this 2-core machine. One such run failed tests/dashboards/test_trends.py: the `superset` session
+# fixture held its settings (TRAFFICWATCH_SERVING_DB, the dashboards' serving file, among them) in os.environ for
+# the session, so later modules on that worker (their builds read it) published their marts into that file. Fixed;
+# tests/conftest.py now fails any module that leaves a TRAFFICWATCH_/SUPERSET_ variable changed in os.environ.
+TEST_WORKERS ?= 2
 
 # Superset's own environment and bootstrap live beside its configuration.
 include superset/superset.mk

@@ -35,6 +35,30 @@ os.environ["DO_NOT_TRACK"] = "1"
 # .env or generated secrets (tests/integration/test_cli_local_settings.py runs them with those on purpose).
 os.environ["TRAFFICWATCH_LOCAL_SETTINGS"] = "0"
 
+# The settings the pipeline reads from the environment (and Superset's), as every module must find them.
+SETTINGS_PREFIXES = ("TRAFFICWATCH_", "SUPERSET_")
+
+
+def _settings_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name.startswith(SETTINGS_PREFIXES)}
+
+
+SESSION_SETTINGS = _settings_environment()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def settings_environment_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the module that leaves a setting changed in os.environ, its session fixtures' included: every later
+    module in this process would read it (load_settings, the services and commands it starts). Under
+    pytest-xdist which modules follow is chance: the `superset` fixture once held TRAFFICWATCH_SERVING_DB for
+    the session, and a later module's worker published its marts into the dashboards' serving file."""
+    yield
+    now = _settings_environment()
+    changed = sorted(
+        name for name in SESSION_SETTINGS.keys() | now.keys() if SESSION_SETTINGS.get(name) != now.get(name)
+    )
+    assert not changed, f"{request.module.__name__} left these variables changed in os.environ: {', '.join(changed)}"
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:

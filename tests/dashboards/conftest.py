@@ -122,21 +122,26 @@ def running_superset(home: Path, serving_db: Path) -> Iterator[SupersetInstance]
         "TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD": secrets.token_urlsafe(18),
         "TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD": secrets.token_urlsafe(18),
     }
-    with environ({**settings, "TRAFFICWATCH_SUPERSET_PUBLIC": None, "SUPERSET_DATABASE_URI": None}):
-        instance = SupersetInstance(
-            url=f"http://127.0.0.1:{port}",
-            home=home,
-            env=dict(os.environ),
-            viewer_password=settings["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"],
-            admin_password=settings["TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD"],
-            operator_password=settings["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"],
-        )
-        try:
-            run_bootstrap(instance.env)
+    changes = {**settings, "TRAFFICWATCH_SUPERSET_PUBLIC": None, "SUPERSET_DATABASE_URI": None}
+    instance = SupersetInstance(
+        url=f"http://127.0.0.1:{port}",
+        home=home,
+        env={**{name: value for name, value in os.environ.items() if name not in changes}, **settings},
+        viewer_password=settings["TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD"],
+        admin_password=settings["TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD"],
+        operator_password=settings["TRAFFICWATCH_SUPERSET_OPERATOR_PASSWORD"],
+    )
+    try:
+        run_bootstrap(instance.env)
+        # This process's environment only while Superset starts (services.start hands it os.environ), never
+        # while it runs: held for the session, TRAFFICWATCH_HOME and TRAFFICWATCH_SERVING_DB were every later
+        # test's in this process, and under pytest-xdist a worker's builds (tests/integration/test_history.py's)
+        # then published into this very serving file before the next dashboard test read it.
+        with environ(changes):
             services.start(services.superset(port, REPO), home)
-            yield instance
-        finally:
-            services.stop(home, "superset")
+        yield instance
+    finally:
+        services.stop(home, "superset")
 
 
 @pytest.fixture(scope="session")
