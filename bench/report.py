@@ -63,7 +63,7 @@ def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str
     lake, marts, stack = stages["lake"], stages["marts"], stages["stack"]
     viewer = stages["viewer"].get("headline", {})  # the worst chart's and the slowest dashboard's figures
     return [
-        ("lake: one-day backfill (4.1 M rows)", _get(lake, "backfill_1d", "median_s"), "s", "< 60 s"),
+        ("lake: one-day backfill (4.1 M rows)", _get(lake, "backfill_1d", "median_s"), "s", "<= 40 s"),
         ("lake: one-day backfill throughput", _get(lake, "backfill_1d", "rows_per_s"), "rows/s", ""),
         ("lake: backfill peak RSS", _get(lake, "backfill_1d", "peak_rss_gb"), "GB", ""),
         ("lake: one snapshot into 1 day, worker", _get(lake, "single_merge_worker", "1d_median_s"), "s", "< 0.2 s"),
@@ -73,12 +73,12 @@ def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str
         ("lake: one snapshot into 30 days, fresh process", _get(lake, "single_merge_fresh", "30d_median_s"), "s", ""),
         ("lake: pending, 30 days, full listing", _get(lake, "pending_30d", "full_listing_median_s"), "s", ""),
         ("lake: pending, 30 days, worker", _get(lake, "pending_30d", "incremental_listing_median_s"), "s", ""),
-        ("marts: build + publish, 30 days, worker", _get(marts, "cycle_worker", "median_s"), "s", "<= 10 s"),
+        ("marts: build + publish, 30 days, worker", _get(marts, "cycle_worker", "median_s"), "s", "<= 3 s"),
         ("marts: build + publish, fresh process", _get(marts, "cycle_fresh_process", "median_s"), "s", ""),
         ("stack: freshness, landing to segment_latest, median", _get(stack, "freshness_median_s"), "s", ""),
-        ("stack: freshness, landing to segment_latest, p95", _get(stack, "freshness_p95_s"), "s", "<= 30 s"),
+        ("stack: freshness, landing to segment_latest, p95", _get(stack, "freshness_p95_s"), "s", "<= 12 s"),
         ("stack: memory of the running stack, peak RSS", _get(stack, "stack_rss_mb"), "MiB", ""),
-        ("stack: memory of the running stack, peak PSS", _get(stack, "stack_pss_mb"), "MiB", ""),
+        ("stack: memory of the running stack, peak PSS", _get(stack, "stack_pss_mb"), "MiB", "<= 1,907 MiB (2.0 GB)"),
         ("viewer: chart data, forced, worst chart's p95", _get(viewer, "worst_forced_p95_ms"), "ms", "<= 200 ms"),
         ("viewer: chart data, cached, worst chart's p95", _get(viewer, "worst_cached_p95_ms"), "ms", ""),
         ("viewer: dashboard render, cache empty, slowest", _get(viewer, "worst_render_empty_cache_s"), "s", "<= 5 s"),
