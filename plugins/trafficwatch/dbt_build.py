@@ -12,7 +12,7 @@ The DuckDB extensions (httpfs, delta) are installed from their PyPI wheels into
 INSTALL/LOAD finds them there and never downloads anything. DuckDB checks an extension's signature by
 hashing the whole file at every LOAD: ~0.4 s of CPU for the two (delta is 82 MB) at the start of every
 build. `ensure_extensions` has it checked once per process and file instead; builds then load them with
-the check skipped (TRAFFICWATCH_DUCKDB_EXTENSIONS_VERIFIED, read by profiles.yml).
+the check skipped (DUCKDB_EXTENSIONS_SIGNATURES_CHECKED, read by profiles.yml).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def _dbt_environment(settings: Settings, config: ServingConfig) -> dict[str, str
         "AWS_ENDPOINT_URL": settings.s3_endpoint_url,
         "AWS_REGION": settings.aws_region,
         "DO_NOT_TRACK": "1",
-        # ensure_extensions, which every build and audit calls first, had DuckDB check the files' signatures.
-        "TRAFFICWATCH_DUCKDB_EXTENSIONS_VERIFIED": "true",
+        # Not a setting: ensure_extensions, which every build and audit calls first, had DuckDB check the files.
+        "DUCKDB_EXTENSIONS_SIGNATURES_CHECKED": "true",
     }
     credentials = settings.s3_credentials
     if credentials:
