@@ -798,7 +798,8 @@ def print_profile(title: str, profiles: list[dict[str, PhaseTimes]]) -> None:
         print(f"    {label:<54} {wall:>8} {median([t.cpu for t in times]):8.3f} {times[0].calls:5d}")
 
 
-def profile(s3: Any, histories: dict[int, dict[str, Any]]) -> None:
+def profile_backfill(s3: Any) -> None:
+    """One more one-day backfill into a bucket of its own, with the time per step printed."""
     bucket = f"bench-profile-{uuid.uuid4().hex[:8]}"
     fresh_bucket(s3, bucket)
     copy_objects(s3, RAW_BUCKET, bucket, day_keys())
@@ -806,6 +807,10 @@ def profile(s3: Any, histories: dict[int, dict[str, Any]]) -> None:
         print_profile("one-day backfill", in_child(_profile_child, bucket, day_keys()))
     finally:
         drop_bucket(s3, bucket)
+
+
+def profile(s3: Any, histories: dict[int, dict[str, Any]]) -> None:
+    profile_backfill(s3)
     try:
         singles = in_child(_profile_singles_child, new_keys()[:SINGLE_RUNS])
     finally:
@@ -936,13 +941,7 @@ def backfills_only(s3: Any, runs: int, with_profile: bool) -> None:
         f"peak RSS {gb(max(r.peak_kib for r in done))}; load average now: {load_text()}"
     )
     if with_profile:
-        bucket = f"bench-profile-{uuid.uuid4().hex[:8]}"
-        fresh_bucket(s3, bucket)
-        copy_objects(s3, RAW_BUCKET, bucket, day_keys())
-        try:
-            print_profile("one-day backfill", in_child(_profile_child, bucket, day_keys()))
-        finally:
-            drop_bucket(s3, bucket)
+        profile_backfill(s3)
 
 
 def ensure_history_1d(s3: Any, manifest: Manifest) -> tuple[dict[str, Any] | None, list[Run]]:
