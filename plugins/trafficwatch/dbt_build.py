@@ -30,8 +30,7 @@ from typing import Any
 
 import duckdb
 
-from trafficwatch.config import REPO_ROOT, Settings, environ
-from trafficwatch.config import serving_db_path as serving_db_path  # where serving and older callers name it
+from trafficwatch.config import REPO_ROOT, Settings, environ, serving_db_path
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import duckdb
 
 from trafficwatch import dbt_build, health
 from trafficwatch.config import DEFAULT_SERVING_DAYS as DEFAULT_SERVING_DAYS  # where tests and benches name it
-from trafficwatch.config import Settings
-from trafficwatch.dbt_build import WAREHOUSE_NAME, ServingConfig, serving_db_path
+from trafficwatch.config import Settings, serving_db_path
+from trafficwatch.dbt_build import WAREHOUSE_NAME, ServingConfig
 
 # The errors of `build`, where its callers catch them.
 from trafficwatch.dbt_build import BuildError as BuildError

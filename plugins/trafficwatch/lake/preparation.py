@@ -194,7 +194,7 @@ def prepared_tasks(settings: Settings, s3: Any, objects: list[RawObject]) -> Ite
         )
         while ahead:
             prepared = ahead.popleft().result()
-            for task in itertools.islice(waiting, 1):
+            if (task := next(waiting, None)) is not None:
                 ahead.append(pool.submit(_prepare_in_worker, settings, task))
             yield prepared
     finally:
