@@ -22,6 +22,10 @@ BENCH_ARGS ?=
 # the session, so later modules on that worker (their builds read it) published their marts into that file. Fixed;
 # tests/conftest.py now fails any module that leaves a TRAFFICWATCH_/SUPERSET_ variable changed in os.environ.
 TEST_WORKERS ?= 2
+# A worker that crashes (a segfault in native code) fails its test and ends the run: pytest-xdist 3.8.0 restarting
+# it under loadscope re-runs the crashing test and re-queues finished modules as empty units, and the session then
+# waits forever (pytest-dev/pytest-xdist#1323, #1378). CI once waited out its 90 minutes that way.
+TEST_XDIST = -n $(TEST_WORKERS) --dist loadscope --max-worker-restart=0
 
 # Superset's own environment and bootstrap live beside its configuration.
 include superset/superset.mk
@@ -43,7 +47,7 @@ lint: install ## ruff on the code
 
 # Tests start their own S3 server, feed and Airflow home on free ports: they never touch .data/.
 test: install superset-install browser-install lint ## all tests: unit (moto), integration (real local S3 + feed), DAGs (Airflow)
-	rc=0; $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope || rc=$$?; \
+	rc=0; $(VENV)/bin/python -m pytest $(TEST_XDIST) || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-demo: install superset-install browser-install ## the demo's own test: make demo with its history, every chart with data within 10 min (~20 min)

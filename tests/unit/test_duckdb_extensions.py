@@ -27,11 +27,14 @@ def test_a_changed_extension_file_is_checked_again_and_refused(tmp_path: Path) -
     directory = tmp_path / "extensions"
     dbt_build.ensure_extensions(directory)
     path = _extension_file(directory, "httpfs")
-    with open(path, "r+b") as handle:  # one byte flipped in the middle: the signature no longer matches
-        handle.seek(path.stat().st_size // 2)
-        byte = handle.read(1)
-        handle.seek(-1, os.SEEK_CUR)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    # One byte flipped in the middle: the signature no longer matches. Written to a new file that replaces
+    # the old one, as an install would: the old file is loaded in this process (its code is mapped from it),
+    # and changing it in place would change code this process may still run.
+    changed = bytearray(path.read_bytes())
+    changed[len(changed) // 2] ^= 0xFF
+    replacement = path.with_suffix(".changed")
+    replacement.write_bytes(changed)
+    os.replace(replacement, path)
     refused = r"the DuckDB httpfs extension .*httpfs\.duckdb_extension was refused"
     with pytest.raises(dbt_build.BuildError, match=refused):
         dbt_build.ensure_extensions(directory)
