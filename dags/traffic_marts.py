@@ -42,8 +42,7 @@ def traffic_marts() -> None:
     @task(outlets=[SERVING_DB], execution_timeout=timedelta(minutes=30))
     def build_and_publish_marts() -> dict:
         from trafficwatch.connections import task_settings
-        from trafficwatch.errors import failure
-        from trafficwatch.serving import DataTestsFailed
+        from trafficwatch.errors import DataTestsFailed, failure
         from trafficwatch.worker import build_marts
 
         settings = None

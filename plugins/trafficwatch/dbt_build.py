@@ -31,6 +31,7 @@ from typing import Any
 import duckdb
 
 from trafficwatch.config import REPO_ROOT, Settings, environ, serving_db_path
+from trafficwatch.errors import BuildError, DataTestsFailed
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,6 @@ DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 EXTENSIONS = ("httpfs", "delta")
 WAREHOUSE_NAME = "traffic"  # dbt-duckdb names the warehouse catalog after its file: traffic.duckdb
 VIEWS_STATE = "dbt_views_built_for"  # the project fingerprint the warehouse's views were built from (run_dbt)
-
-
-class BuildError(RuntimeError):
-    """The marts could not be built or published; the message is one line for the operator."""
-
-
-class DataTestsFailed(BuildError):
-    """dbt data tests failed: the data is wrong, so nothing was published (retrying will not help)."""
-
-    def __init__(self, message: str, tests: list[str]) -> None:
-        super().__init__(message)
-        self.tests = tests
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,21 @@ from trafficwatch.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+
+# The marts build's failures (`dbt_build` raises them), here where nothing imports DuckDB or dbt: the worker's
+# requesters raise them again as the same classes (`trafficwatch.worker`).
+class BuildError(RuntimeError):
+    """The marts could not be built or published; the message is one line for the operator."""
+
+
+class DataTestsFailed(BuildError):
+    """dbt data tests failed: the data is wrong, so nothing was published (retrying will not help)."""
+
+    def __init__(self, message: str, tests: list[str]) -> None:
+        super().__init__(message)
+        self.tests = tests
+
+
 MAX_LENGTH = 300  # of a message from elsewhere: an S3 error body, a Rust error with its debug dump
 CREDENTIAL_CODES = (
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
@@ -87,7 +102,7 @@ def recognised(error: BaseException, settings: Settings | None = None) -> str | 
     # Ours, already one line for people.
     if _is(error, "trafficwatch.landing", "IngestError") or _is(error, "trafficwatch.worker", "WorkerError"):
         return _first_line(text, limit=None)
-    if _is(error, "trafficwatch.dbt_build", "BuildError"):  # dbt's message, which may hide an S3 failure
+    if isinstance(error, BuildError):  # dbt's message, which may hide an S3 failure
         s3 = _object_store(text, settings) if OBJECT_STORE.search(text) else None
         return f"{s3} (dbt build; serving file not published)" if s3 else _first_line(text, limit=None)
     if _is(error, "trafficwatch.payloads", "SourceError"):

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,12 @@ from trafficwatch import dbt_build, health
 from trafficwatch.config import DEFAULT_SERVING_DAYS as DEFAULT_SERVING_DAYS  # where tests and benches name it
 from trafficwatch.config import Settings, serving_db_path
 from trafficwatch.dbt_build import WAREHOUSE_NAME, ServingConfig
+from trafficwatch.dbt_build import project_var as project_var  # where `trafficwatch.operate` names it
 
 # The errors of `build`, where its callers catch them.
-from trafficwatch.dbt_build import BuildError as BuildError
-from trafficwatch.dbt_build import DataTestsFailed as DataTestsFailed
-from trafficwatch.dbt_build import project_var as project_var  # where `trafficwatch.operate` names it
+from trafficwatch.errors import BuildError as BuildError
+from trafficwatch.errors import DataTestsFailed as DataTestsFailed
+from trafficwatch.results import BuildResult
 
 log = logging.getLogger(__name__)
 
@@ -114,55 +115,6 @@ LAKE_STATE = "lake_merges_absorbed"  # the merges the marts hold (dbt_project/ma
 PUBLISH_FORMAT = 3
 # A patched file keeps deleted rows' space until a whole copy rewrites it: one whole copy a day.
 FULL_PUBLISH_EVERY = timedelta(hours=24)
-
-
-@dataclass
-class BuildResult:
-    serving_db: Path
-    built_at: datetime
-    latest_measured_at: datetime | None
-    nodes: dict[str, int] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)
-    full_publish: bool = True
-    dbt_seconds: float = 0.0
-    publish_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "serving_db": str(self.serving_db),
-            "built_at": self.built_at.isoformat(),
-            "latest_measured_at": self.latest_measured_at.isoformat() if self.latest_measured_at else None,
-            "nodes": self.nodes,
-            "rows": self.rows,
-            "full_publish": self.full_publish,
-            "dbt_seconds": round(self.dbt_seconds, 3),
-            "publish_seconds": round(self.publish_seconds, 3),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BuildResult:
-        """The inverse of `as_dict` (a build done by the worker process comes back as JSON)."""
-        latest = data["latest_measured_at"]
-        return cls(
-            serving_db=Path(data["serving_db"]),
-            built_at=datetime.fromisoformat(data["built_at"]),
-            latest_measured_at=datetime.fromisoformat(latest) if latest else None,
-            nodes=data["nodes"],
-            rows=data["rows"],
-            full_publish=data["full_publish"],
-            dbt_seconds=data["dbt_seconds"],
-            publish_seconds=data["publish_seconds"],
-        )
-
-    def summary(self) -> str:
-        nodes = ", ".join(f"{count} {kind}" for kind, count in sorted(self.nodes.items()))
-        latest = self.latest_measured_at.isoformat() if self.latest_measured_at else "no data"
-        return (
-            f"built {nodes} in {self.dbt_seconds:.1f} s; published {len(self.rows)} marts "
-            f"({'whole copy' if self.full_publish else 'patched'}, "
-            f"{sum(self.rows.values()):,} rows, latest measurement {latest}) to {self.serving_db} "
-            f"in {self.publish_seconds:.1f} s"
-        )
 
 
 # --------------------------------------------------------------------------- publish

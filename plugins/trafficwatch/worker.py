@@ -20,6 +20,11 @@ whose class the requester cannot rebuild (not imported here, or not rebuilt from
 and the frames that name its table or key are in the worker), and `errors.failure` prints that line.
 The log lines the worker wrote while serving a request come back too, so the Airflow task log shows them.
 
+A requester stays light: the lake and the build (DuckDB, polars, delta-rs, dbt) are imported only where the
+work is done, in the worker's methods and in the fallbacks that do it in this process. A DAG task or the
+triggerer's merge sensor that hands its work to the worker never loads them (~40 MiB of memory each); the
+results and the build's errors it raises again come from `trafficwatch.results` and `trafficwatch.errors`.
+
 A read writes nothing: a pending count on a lake whose merge log does not exist yet counts every landed
 snapshot, without creating the tables (the worker creates them when it starts, a merge when it runs).
 
@@ -54,8 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trafficwatch import errors, lake, raw, serving, storage
+from trafficwatch import errors
 from trafficwatch.config import ConfigError, Settings
+from trafficwatch.errors import BuildError, DataTestsFailed
+from trafficwatch.results import BuildResult, MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,8 @@ class Worker:
     """What the worker process keeps between requests: the open tables and one lock per kind of work."""
 
     def __init__(self, settings: Settings) -> None:
+        from trafficwatch import lake, raw, storage
+
         self.settings = settings
         self.s3 = storage.s3_client(settings)
         self.tables = lake.OpenTables(settings)
@@ -145,10 +154,14 @@ class Worker:
             time.sleep(RELIST_RAW_S)
 
     def merge(self, request: dict[str, Any]) -> dict[str, Any]:
+        from trafficwatch import lake
+
         with self.lake_lock:
             return lake.merge_pending(self.settings, self.s3, self.tables.get(), self.raw).as_dict()
 
     def pending(self, request: dict[str, Any]) -> int:
+        from trafficwatch import lake
+
         with self.lake_lock:
             return len(lake.pending_raw(self.settings, self.s3, self.tables.get(), self.raw))
 
@@ -157,6 +170,8 @@ class Worker:
         self.raw.relist(self.s3, self.settings.bucket)
 
     def build(self, request: dict[str, Any]) -> dict[str, Any]:
+        from trafficwatch import serving
+
         with self.build_lock:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
 
@@ -174,7 +189,7 @@ class Worker:
         with _collected_log() as lines:
             try:
                 return {"result": operation(request), "log": lines}
-            except (serving.BuildError, ConfigError) as error:  # the work's own failures, one line each
+            except (BuildError, ConfigError) as error:  # the work's own failures, one line each
                 return {**_failure(error, str(error), unexpected=False), "log": lines}
             except Exception as error:  # the worker outlives any one request; the requester gets the cause
                 log.error("%s failed:\n%s", request.get("op"), traceback.format_exc())
@@ -287,8 +302,8 @@ def _raise_failure(answer: dict[str, Any]) -> None:
     module, name = answer.get("type") or ("", "")
     cls = _exception_class(module, name)
     error: Exception = WorkerError(answer["error"])
-    if cls is serving.DataTestsFailed:
-        error = serving.DataTestsFailed(answer["error"], answer.get("failed_tests", []))
+    if cls is DataTestsFailed:
+        error = DataTestsFailed(answer["error"], answer.get("failed_tests", []))
     elif isinstance(cls, type) and issubclass(cls, Exception) and answer.get("args") is not None:
         try:
             error = cls(*answer["args"])
@@ -308,6 +323,8 @@ def _result(answer: dict[str, Any]) -> Any:
 def count_pending_here(settings: Settings) -> int:
     """The pending count in this process, read only: without a merge log yet, every landed snapshot is pending
     (nothing is created; `lake.ensure_tables` would create the tables)."""
+    from trafficwatch import lake, raw, storage
+
     s3 = storage.s3_client(settings)
     merge_log = lake.existing_tables(settings, [lake.MERGE_LOG])[lake.MERGE_LOG]
     if merge_log is None:
@@ -315,11 +332,15 @@ def count_pending_here(settings: Settings) -> int:
     return len(lake.pending_raw(settings, s3, lake.Tables({lake.MERGE_LOG: merge_log})))
 
 
-def _merge_here(settings: Settings) -> lake.MergeResult:
+def _merge_here(settings: Settings) -> MergeResult:
+    from trafficwatch import lake
+
     return lake.merge_pending(settings)
 
 
-def _build_here(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
+def _build_here(settings: Settings, full_refresh: bool = False) -> BuildResult:
+    from trafficwatch import serving
+
     return serving.build(settings, full_refresh=full_refresh)
 
 
@@ -331,9 +352,9 @@ class _Operation:
 
 
 _OPERATIONS = {
-    "merge": _Operation(_merge_here, lake.MergeResult.from_dict),
+    "merge": _Operation(_merge_here, MergeResult.from_dict),
     "pending": _Operation(count_pending_here, int),
-    "build": _Operation(_build_here, serving.BuildResult.from_dict, done="built by the worker on %s"),
+    "build": _Operation(_build_here, BuildResult.from_dict, done="built by the worker on %s"),
 }
 
 
@@ -350,7 +371,7 @@ def run(settings: Settings, op: str, **arguments: Any) -> Any:
     return result
 
 
-def merge_pending(settings: Settings) -> lake.MergeResult:
+def merge_pending(settings: Settings) -> MergeResult:
     """`lake.merge_pending`: in the worker when one runs, else in this process."""
     return run(settings, "merge")
 
@@ -378,6 +399,6 @@ def relist_raw(settings: Settings) -> bool:
     return True
 
 
-def build_marts(settings: Settings, full_refresh: bool = False) -> serving.BuildResult:
+def build_marts(settings: Settings, full_refresh: bool = False) -> BuildResult:
     """dbt build and publish (`serving.build`): in the worker when one runs, else in this process."""
     return run(settings, "build", full_refresh=full_refresh)

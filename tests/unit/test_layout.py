@@ -44,3 +44,26 @@ def test_no_module_of_the_package_is_over_500_lines() -> None:
     sizes = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert len(sizes) > 20
     assert {name: lines for name, lines in sizes.items() if lines > MAX_LINES} == {}
+
+
+# What a DAG task or the triggerer imports to hand its work to the worker: none of the libraries that do the work.
+REQUESTER_IMPORTS = """
+import json, sys
+import trafficwatch.connections, trafficwatch.errors, trafficwatch.results, trafficwatch.waiting, trafficwatch.worker
+heavy = ("duckdb", "polars", "deltalake", "pyarrow", "dbt", "trafficwatch.lake", "trafficwatch.serving")
+print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
+"""
+
+
+def test_a_requester_of_the_worker_loads_no_lake_or_build_library() -> None:
+    """~40 MiB of memory less in every merge and marts task process and in the triggerer (see worker.py)."""
+    done = subprocess.run(
+        [sys.executable, "-c", REQUESTER_IMPORTS],
+        env={"PYTHONPATH": str(REPO / "plugins"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []

@@ -12,7 +12,6 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +26,7 @@ from trafficwatch.lake.segments import hash_attributes, merge_segments, segment_
 from trafficwatch.lake.tables import Tables, ensure_tables, open_table, storage_options
 from trafficwatch.lake.writes import merge_observations, merge_rejected
 from trafficwatch.raw import RawIndex, RawObject, key_time
+from trafficwatch.results import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +35,6 @@ OBJECTS_PER_COMMIT = 720  # ~2 M rows: bounds memory on long backfills
 # latest, OBJECTS_PER_COMMIT): the commits follow the preparation closely, so the last one, which nothing
 # else overlaps, is small. Fewer objects per commit would add commits (and data files) for little gain.
 MIN_OBJECTS_PER_COMMIT = 120
-
-
-@dataclass
-class MergeResult:
-    merged_objects: int = 0
-    observations: int = 0
-    rejected_rows: int = 0
-    duplicate_rows: int = 0
-    quarantined_objects: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, int | float]:
-        return {
-            "merged_objects": self.merged_objects,
-            "observations": self.observations,
-            "rejected_rows": self.rejected_rows,
-            "duplicate_rows": self.duplicate_rows,
-            "quarantined_objects": self.quarantined_objects,
-            "seconds": round(self.seconds, 3),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, int | float]) -> MergeResult:
-        return cls(**data)  # type: ignore[arg-type]
-
-    def summary(self) -> str:
-        if not self.merged_objects and not self.quarantined_objects:
-            return "nothing to merge: every landed snapshot is already in the lake"
-        return (
-            f"merged {self.merged_objects} snapshots: {self.observations} observations accepted, "
-            f"{self.rejected_rows} rows rejected, {self.duplicate_rows} duplicate rows dropped, "
-            f"{self.quarantined_objects} unreadable objects quarantined, in {self.seconds:.1f} s"
-        )
 
 
 def _transaction_number() -> int:
