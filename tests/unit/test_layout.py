@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "plugins" / "trafficwatch"
@@ -24,10 +25,11 @@ print(json.dumps({"modules": names, "foreign": foreign}))
 """
 
 
-def test_the_pipeline_imports_no_dev_test_or_bench_code() -> None:
-    # Only plugins/ on the path: the package must import on its own, as in the image.
+def _imported(code: str) -> Any:
+    """What `code` prints last, as JSON, run in a new interpreter with only plugins/ on the path: the package
+    must import on its own, as in the image."""
     done = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL],
+        [sys.executable, "-c", code],
         env={"PYTHONPATH": str(REPO / "plugins"), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -35,7 +37,11 @@ def test_the_pipeline_imports_no_dev_test_or_bench_code() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_pipeline_imports_no_dev_test_or_bench_code() -> None:
+    found = _imported(IMPORT_ALL)
     assert "trafficwatch.lake.merge" in found["modules"] and "trafficwatch.raw" in found["modules"]
     assert found["foreign"] == []
 
@@ -57,13 +63,4 @@ print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
 
 def test_a_requester_of_the_worker_loads_no_lake_or_build_library() -> None:
     """~40 MiB of memory less in every merge and marts task process and in the triggerer (see worker.py)."""
-    done = subprocess.run(
-        [sys.executable, "-c", REQUESTER_IMPORTS],
-        env={"PYTHONPATH": str(REPO / "plugins"), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert _imported(REQUESTER_IMPORTS) == []
