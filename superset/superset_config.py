@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, Response, g, redirect, request
 from flask.sessions import SecureCookieSessionInterface, SessionMixin
@@ -163,9 +164,33 @@ def _anonymous_event_logs_ignored(app: Flask) -> None:
         return None
 
 
+def _duckdb_default_schema_remembered() -> None:
+    """Superset asks the database for its default schema twice per chart data request on a virtual dataset
+    (for the cache key and for the FROM clause, where a dataset with a schema of its own, as all of ours,
+    does not even use it), each time by creating an engine and opening a DuckDB connection to the serving
+    file just to read `current_schema()`: two file opens and dialect initializations per chart, beside the
+    query's own. A DuckDB database's default schema is set by its URI and connection settings alone (DuckDB
+    has no per-user search path and Superset no per-catalog schema for it), so the answer is kept per URI
+    and settings: asked once, as before, then reused. The query itself still opens its own read-only
+    connection (NullPool), so each chart reads the serving file published last."""
+    from superset.db_engine_specs.duckdb import DuckDBEngineSpec
+
+    ask_database = DuckDBEngineSpec.get_default_schema.__func__  # the inherited lookup through an inspector
+    answers: dict[tuple[str, str, str | None], str | None] = {}
+
+    def get_default_schema(cls: type[DuckDBEngineSpec], database: Any, catalog: str | None) -> str | None:
+        key = (database.sqlalchemy_uri_decrypted, database.extra or "", catalog)
+        if key not in answers:
+            answers[key] = ask_database(cls, database, catalog)
+        return answers[key]
+
+    DuckDBEngineSpec.get_default_schema = classmethod(get_default_schema)  # type: ignore[method-assign]
+
+
 def _mutate(app: Flask) -> None:
     _viewers_home(app)
     _anonymous_event_logs_ignored(app)
+    _duckdb_default_schema_remembered()
 
 
 FLASK_APP_MUTATOR = _mutate
