@@ -187,10 +187,35 @@ def _duckdb_default_schema_remembered() -> None:
     DuckDBEngineSpec.get_default_schema = classmethod(get_default_schema)  # type: ignore[method-assign]
 
 
+def _sqlite_metadata_in_wal_mode(app: Flask) -> None:
+    """Superset's event logger writes and commits a row of `logs` six times per chart data request (the request,
+    the query, its post-processing, the answer...). In SQLite's default rollback-journal mode each commit
+    syncs the database and its journal to disk: 3 ms at the median and 16 ms at the 90th percentile on this
+    machine's busy disk, 18 ms and more per chart. In write-ahead-log mode with synchronous=NORMAL a commit
+    writes the log without syncing it (synced at checkpoints): the database stays consistent after any crash;
+    a power cut can lose the last commits, such as these event rows. Only the local SQLite metadata database
+    is concerned (the containers use PostgreSQL, SUPERSET_DATABASE_URI). The log files SQLite adds beside the
+    database (-wal, -shm) take its 0600 mode."""
+    if not SQLALCHEMY_DATABASE_URI.startswith("sqlite:"):
+        return
+    from sqlalchemy import event
+    from superset.extensions import db
+
+    def write_ahead(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file; a no-op once set
+        cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
+        cursor.close()
+
+    with app.app_context():
+        event.listen(db.engine, "connect", write_ahead)
+
+
 def _mutate(app: Flask) -> None:
     _viewers_home(app)
     _anonymous_event_logs_ignored(app)
     _duckdb_default_schema_remembered()
+    _sqlite_metadata_in_wal_mode(app)
 
 
 FLASK_APP_MUTATOR = _mutate
