@@ -52,6 +52,15 @@ CHARTS_SETTLED = """() => Object.fromEntries(Array.from(document.querySelectorAl
 LONG_TASKS = """window.__longTasks = [];
 new PerformanceObserver(list => { for (const task of list.getEntries()) window.__longTasks.push(task.duration); })
   .observe({type: 'longtask', buffered: true});"""
+# WebGL frames begun (clears of a drawing buffer) and draw calls, counted by wrapping the WebGL2 context's methods.
+WEBGL_COUNTS = """window.__webgl = {clears: 0, draws: 0};
+for (const name of ['clear', 'drawArrays', 'drawElements', 'drawArraysInstanced', 'drawElementsInstanced']) {
+  const original = WebGL2RenderingContext.prototype[name];
+  WebGL2RenderingContext.prototype[name] = function (...rest) {
+    window.__webgl[name === 'clear' ? 'clears' : 'draws'] += 1;
+    return original.apply(this, rest);
+  };
+}"""
 
 CpuTimes = collections.Counter[tuple[str, str]]
 
@@ -139,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
             password = superset.operator_password if dashboard.user == "operator" else superset.viewer_password
             page = log_in(browser, superset, dashboard.user, password)
             page.add_init_script(LONG_TASKS)
+            page.add_init_script(WEBGL_COUNTS)
             url = f"{superset.url}/superset/dashboard/{dashboard.slug}/"
             render(page, url, dashboard.charts)  # warm-up: the browser's HTTP cache and Superset's data cache
             for run in range(args.runs):
@@ -150,10 +160,17 @@ def main(args: argparse.Namespace) -> int:
                 seconds, settled_at = render(page, url, dashboard.charts)
                 settled = cpu_seconds(chromium)
                 long_tasks = page.evaluate("() => window.__longTasks")
+                webgl = page.evaluate("() => ({...window.__webgl})")
                 time.sleep(args.after)
+                webgl_after = page.evaluate("() => ({...window.__webgl})")
                 after = spent(cpu_seconds(chromium), settled)
                 report_run(run, seconds, settled_at, spent(settled, before), after, args.after)
                 print(f"  long tasks until settled: {len(long_tasks)}, {sum(long_tasks) / 1000:.2f} s")
+                print(
+                    f"  WebGL until settled: {webgl['clears']} clears, {webgl['draws']} draw calls; in the "
+                    f"{args.after:.0f} s after: {webgl_after['clears'] - webgl['clears']} clears, "
+                    f"{webgl_after['draws'] - webgl['draws']} draw calls"
+                )
         finally:
             browser.close()
     return 0
