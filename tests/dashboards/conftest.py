@@ -157,18 +157,19 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
 
 # Whether a dashboard has finished rendering: `expected` chart holders, none loading, each with something
 # drawn (or an error, which CHART_ERRORS reports), and the deck.gl maps' canvases sized.
-ALL_CHARTS_SETTLED = """(expected) => {
-  const charts = document.querySelectorAll('[data-test-chart-id]');
-  if (charts.length < expected) return false;
-  for (const chart of charts) {
-    if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) continue;  // reported below
-    if (chart.querySelector('[data-test="loading-indicator"]')) return false;
-    if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
-    const canvas = chart.querySelector('canvas#deckgl-overlay');
-    if (chart.getAttribute('data-test-viz-type') === 'deck_path' && (!canvas || canvas.width <= 300)) return false;
-  }
-  return true;
+# One chart is settled: its error is shown (reported by CHART_ERRORS), or it is drawn (no spinner; a canvas, svg,
+# table or number) and, for a deck.gl map, its canvas sized.
+CHART_SETTLED = """(chart) => {
+  if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) return true;
+  if (chart.querySelector('[data-test="loading-indicator"]')) return false;
+  if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
+  const canvas = chart.querySelector('canvas#deckgl-overlay');
+  return chart.getAttribute('data-test-viz-type') !== 'deck_path' || Boolean(canvas && canvas.width > 300);
 }"""
+ALL_CHARTS_SETTLED = f"""(expected) => {{
+  const charts = Array.from(document.querySelectorAll('[data-test-chart-id]'));
+  return charts.length >= expected && charts.every({CHART_SETTLED});
+}}"""
 
 CHART_ERRORS = """() => Array.from(document.querySelectorAll('[data-test-chart-id]'))
   .filter(chart => chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')

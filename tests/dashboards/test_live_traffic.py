@@ -103,9 +103,7 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
         (reporting,) = con.execute("SELECT segments_reporting FROM network_kpis_latest").fetchone()
     assert kpi_text(page, "Reporting") == f"{reporting:,}"
 
-    sizes = page.evaluate(
-        "() => Array.from(document.querySelectorAll('canvas#deckgl-overlay'), c => [c.width, c.height])"
-    )
+    sizes = page.evaluate(MAP_CANVAS_SIZES)
     assert len(sizes) == 2
     assert all(width > 300 and height > 150 for width, height in sizes), sizes  # 300x150: WebGL never started
     counts = map_colors(page, "Traffic now, by status")
