@@ -10,7 +10,7 @@ Run by `make superset-bootstrap` with Superset's own Python (.venv-superset) and
 3. users `admin` (Admin), `viewer` (TrafficViewer) and `operator` (TrafficOperator), passwords from the
    environment;
 4. the bundle under superset/bundle/ zipped and imported with overwrite (same UUIDs every time), its
-   database pointed at this machine's serving DuckDB.
+   database pointed at this machine's serving DuckDB and its maps' base map set from TRAFFICWATCH_BASE_MAP.
 
 `--zip FILE` only writes the bundle (database pointed at the serving file) for another Superset's
 `POST /api/v1/assets/import/`.
@@ -37,6 +37,12 @@ VIEWER_ROLE = "TrafficViewer"
 OPERATOR_ROLE = "TrafficOperator"
 # Datasets over this schema of the serving file (pipeline health) are for operators, not viewers.
 OPERATOR_SCHEMA = "health"
+# The maps' base map (their `mapbox_style`), chosen by TRAFFICWATCH_BASE_MAP: OpenStreetMap's tiles (`osm`, the
+# default, as the bundle has it) or none (`none`: `make demo`, the tests and the bench, which run offline). Offline
+# the tile host cannot answer, and every failed tile made deck.gl draw its map again: 12 WebGL frames per render of
+# Live traffic instead of 6, each ~0.5 s of CPU where WebGL is drawn in software. superset_config.py allows the
+# tile host in its content security policy only when the base map is on.
+BASE_MAPS = {"osm": "https://tile.openstreetmap.org/{z}/{x}/{y}.png", "none": ""}
 WEAK_PASSWORDS = {"admin", "viewer", "operator", "password", "changeme", "superset", "general"}
 
 # What a viewer (or an operator) needs to open a dashboard and use its filters; dataset access is added per dataset.
@@ -77,8 +83,28 @@ def serving_db_path() -> Path:
     return (home / "serving" / "traffic.duckdb").resolve()
 
 
+def base_map() -> str:
+    """The maps' `mapbox_style` TRAFFICWATCH_BASE_MAP names ('' for none)."""
+    name = os.environ.get("TRAFFICWATCH_BASE_MAP", "osm")
+    if name not in BASE_MAPS:
+        choices = ", ".join(BASE_MAPS)
+        raise SystemExit(f"superset-bootstrap: TRAFFICWATCH_BASE_MAP must be one of {choices}, not {name!r}")
+    return BASE_MAPS[name]
+
+
+def with_base_map(chart_yaml: str, style: str) -> str:
+    """A chart's YAML with its base map set to `style`; unchanged when it has none (not a map) or has that one."""
+    chart = yaml.safe_load(chart_yaml)
+    params = chart.get("params") or {}
+    if "mapbox_style" not in params or params["mapbox_style"] == style:
+        return chart_yaml
+    params["mapbox_style"] = style
+    return yaml.safe_dump(chart, sort_keys=False, allow_unicode=True)
+
+
 def bundle_zip(serving_db: Path) -> bytes:
-    """The bundle as an import ZIP, its database pointed at `serving_db`."""
+    """The bundle as an import ZIP, its database pointed at `serving_db`, its maps on the chosen base map."""
+    style = base_map()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(BUNDLE.rglob("*.yaml")):
@@ -87,6 +113,8 @@ def bundle_zip(serving_db: Path) -> bytes:
                 if SERVING_URI_PLACEHOLDER not in text:
                     raise SystemExit(f"{path}: sqlalchemy_uri must be {SERVING_URI_PLACEHOLDER} (set at import)")
                 text = text.replace(SERVING_URI_PLACEHOLDER, f"duckdb:///{serving_db}")
+            elif path.parent.name == "charts":
+                text = with_base_map(text, style)
             archive.writestr(f"{BUNDLE_ROOT}/{path.relative_to(BUNDLE)}", text)
     return buffer.getvalue()
 

@@ -73,9 +73,15 @@ CACHE_CONFIG = {
 }
 DASHBOARD_AUTO_REFRESH_MODE = "fetch"
 
-# OpenStreetMap tiles only: no Mapbox key needed. Offline, the tiles fail fast and the roads still draw.
+# OpenStreetMap tiles only: no Mapbox key needed. TRAFFICWATCH_BASE_MAP=none (the offline demo, the tests, the
+# bench; bootstrap.py sets the maps' base map from the same variable) draws the roads on a blank map, and the
+# content security policy then allows no tile host at all.
 _OSM_TILES = "https://tile.openstreetmap.org"
 DECKGL_BASE_MAP = [[f"{_OSM_TILES}/{{z}}/{{x}}/{{y}}.png", "OpenStreetMap"]]
+_BASE_MAP = os.environ.get("TRAFFICWATCH_BASE_MAP", "osm")
+if _BASE_MAP not in {"osm", "none"}:
+    sys.exit(f"superset_config: TRAFFICWATCH_BASE_MAP must be osm or none, not {_BASE_MAP!r}")
+_TILE_HOSTS = [_OSM_TILES] if _BASE_MAP == "osm" else []
 
 # Behind an HTTPS proxy (TRAFFICWATCH_TLS_PROXY=1, README "Containers"): the session and remember-me cookies
 # travel over HTTPS only, the proxy's X-Forwarded-For/-Proto/-Host/-Port/-Prefix are trusted (one hop) so that
@@ -102,9 +108,9 @@ TALISMAN_CONFIG = {
     "content_security_policy": {
         "base-uri": ["'self'"],
         "default-src": ["'self'"],
-        "img-src": ["'self'", "blob:", "data:", _OSM_TILES],
+        "img-src": ["'self'", "blob:", "data:", *_TILE_HOSTS],
         "worker-src": ["'self'", "blob:"],
-        "connect-src": ["'self'", _OSM_TILES],
+        "connect-src": ["'self'", *_TILE_HOSTS],
         "object-src": "'none'",
         "style-src": ["'self'", "'unsafe-inline'", *_FONT_HOSTS],
         "font-src": ["'self'", *_FONT_HOSTS],

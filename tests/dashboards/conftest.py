@@ -117,6 +117,7 @@ def running_superset(home: Path, serving_db: Path) -> Iterator[SupersetInstance]
         "TRAFFICWATCH_HOME": str(home),
         "TRAFFICWATCH_SERVING_DB": str(serving_db),
         "TRAFFICWATCH_SUPERSET_PORT": str(port),
+        "TRAFFICWATCH_BASE_MAP": "none",  # offline: no tile host (superset/bootstrap.py)
         "SUPERSET_SECRET_KEY": secrets.token_urlsafe(48),
         "TRAFFICWATCH_SUPERSET_ADMIN_PASSWORD": secrets.token_urlsafe(18),
         "TRAFFICWATCH_SUPERSET_VIEWER_PASSWORD": secrets.token_urlsafe(18),

@@ -1,7 +1,8 @@
 """The viewer opens "Live traffic" in a real browser: every chart renders, the maps draw the network.
 
 Waits on page state (chart containers filled, no spinner, map canvases sized and painted), never on
-network idle: the base map asks an OpenStreetMap tile host that is unreachable offline.
+network idle. Offline (TRAFFICWATCH_BASE_MAP=none, as the test Superset runs) the maps have no base map, and the
+page asks no host but Superset.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SEGMENTS_IN_SAMPLE = "2,859"
 # Status colours of the map (js_data_mutator of map_traffic_status.yaml): free flow, heavy, congested.
 STATUS_COLORS = {"freeFlow": (46, 158, 68), "heavy": (242, 140, 40), "congested": (224, 32, 32)}
 
+# How Playwright reports a request the content security policy refused (it never left the browser).
+CSP_REFUSED = "csp"
 TABLE_ROWS = '[data-test-chart-name="Most congested roads now"] tbody tr'
 ONLY_ROAD_IN_TABLE = f"""(road) => {{
   const rows = Array.from(document.querySelectorAll('{TABLE_ROWS}'));
@@ -88,6 +91,15 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     page = log_in(browser, superset, "viewer", superset.viewer_password)
     console_errors: list[str] = []
     page.on("pageerror", lambda error: console_errors.append(str(error)))
+    # Requests to any host but Superset (a tile server, a telemetry pixel, a font host, ...), with how each
+    # ended: one the content security policy refused never left the browser.
+    elsewhere: dict[str, str] = {}
+    local = (superset.url + "/", "data:", "blob:")
+    page.on("request", lambda request: request.url.startswith(local) or elsewhere.setdefault(request.url, "sent"))
+    page.on(
+        "requestfailed",
+        lambda request: request.url in elsewhere and elsewhere.update({request.url: request.failure or "failed"}),
+    )
 
     # The viewer's home is the live dashboard.
     page.goto(superset.url + "/")
@@ -116,6 +128,8 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     assert page.locator("[data-test-chart-id]").count() == expected
     assert page.evaluate(CHART_ERRORS) == []
     assert console_errors == []
+    left = {url: end for url, end in elsewhere.items() if end != CSP_REFUSED}
+    assert left == {}, f"the page asked hosts other than Superset: {left}"
 
     # The Road filter drives the maps, the road charts and the table; the network-wide tiles ignore it.
     road = page.locator(f"{TABLE_ROWS} td").first.inner_text().strip()
