@@ -5,7 +5,9 @@ Expectations come from the snapshots themselves (counted in Python here), never 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +32,41 @@ DAY = datetime(2024, 8, 27, tzinfo=UTC)  # a Tuesday, from 00:00 UTC (02:00 in R
 DAY_INTERVAL = timedelta(minutes=10)
 
 
+def metres_to_piece(point: list[float], start: list[float], end: list[float]) -> float:
+    """Distance in metres from a [lon, lat] point to the straight piece start-end (flat projection at start)."""
+    per_degree_lon = 111_320.0 * math.cos(math.radians(start[1]))
+    px, py = (point[0] - start[0]) * per_degree_lon, (point[1] - start[1]) * 110_540.0
+    qx, qy = (end[0] - start[0]) * per_degree_lon, (end[1] - start[1]) * 110_540.0
+    length2 = qx * qx + qy * qy
+    t = 0.0 if length2 == 0 else min(1.0, max(0.0, (px * qx + py * qy) / length2))
+    return math.hypot(px - t * qx, py - t * qy)
+
+
+def assert_paths_follow_geometries(latest: pl.DataFrame, records: dict[str, dict]) -> None:
+    """Each segment's path_json (what the maps draw) keeps, in order, a subset of its geometry's points rounded
+    to 6 decimals, every part's two ends among them, and passes within 1 m of every point of the geometry;
+    over the network it has far fewer pieces than the geometry (segment_latest.sql, paths)."""
+    pieces_before = pieces_after = 0
+    for key, path_json in latest.select("segment_key", "path_json").iter_rows():
+        geometry = records[key]["geo_shape"]["geometry"]
+        parts = geometry["coordinates"] if geometry["type"] == "MultiLineString" else [geometry["coordinates"]]
+        path = json.loads(path_json)
+        rounded = [[[round(coordinate, 6) for coordinate in point[:2]] for point in part] for part in parts]
+        # In order, a subset: walk the geometry's points and find each drawn point among them.
+        drawn = iter(point for part in rounded for point in part)
+        assert all(any(point == candidate for candidate in drawn) for point in path), f"{key}: {path}"
+        for part in rounded:
+            assert part[0] in path and part[-1] in path, f"{key}: an end of a part was dropped"
+        pieces = list(itertools.pairwise(path)) or [(path[0], path[0])]
+        for part in parts:
+            for point in part:
+                gap = min(metres_to_piece(point[:2], start, end) for start, end in pieces)
+                assert gap <= 1.0, f"{key}: {point} is {gap:.2f} m from the path drawn"
+        pieces_before += sum(len(part) - 1 for part in parts)
+        pieces_after += len(path) - len(parts)
+    assert pieces_after < 0.7 * pieces_before, (pieces_before, pieces_after)
+
+
 def test_the_sample_snapshot_gives_every_mart(sample_serving_db, sample_bytes) -> None:
     records = json.loads(sample_bytes)
     statuses = Counter(record["trafficstatus"] for record in records)
@@ -45,7 +82,7 @@ def test_the_sample_snapshot_gives_every_mart(sample_serving_db, sample_bytes) -
         row = latest.filter(pl.col("segment_key") == key).row(0, named=True)
         geometry = by_key[key]["geo_shape"]["geometry"]
         assert json.loads(row["geometry_geojson"]) == geometry
-        assert json.loads(row["path_json"]) == [point for part in geometry["coordinates"] for point in part]
+    assert_paths_follow_geometries(latest, by_key)
 
     (kpis,) = marts["network_kpis_latest"].iter_rows(named=True)
     measured = SAMPLE_RECORDS - statuses["unknown"]
