@@ -61,8 +61,8 @@ demo: install ## run the whole stack offline against the local feed (simulated R
 	$(ENV) TRAFFICWATCH_FEED_ARGS="$(DEMO_FEED_ARGS)" $(TW) service start feed
 	$(ENV) $(TW) service start worker
 	$(ENV) TRAFFICWATCH_API_URL=http://127.0.0.1:$$TRAFFICWATCH_FEED_PORT $(MAKE) --no-print-directory _airflow
-	@# Offline: the maps on a blank base map unless TRAFFICWATCH_BASE_MAP=osm is set (superset/bootstrap.py).
-	TRAFFICWATCH_BASE_MAP=$${TRAFFICWATCH_BASE_MAP:-none} $(MAKE) --no-print-directory superset-up
+	@# Offline: the maps on a blank base map unless TRAFFICWATCH_BASE_MAP=osm is set (shell or .env; superset/bootstrap.py).
+	$(ENV) TRAFFICWATCH_BASE_MAP=$${TRAFFICWATCH_BASE_MAP:-none} $(MAKE) --no-print-directory superset-up
 	@# Simulated history in the background, once the live stack is up (0 days: none); `make status` shows it.
 	$(ENV) if [ "$${DEMO_HISTORY_DAYS:-14}" != 0 ]; then $(TW) service start history; fi
 	@$(MAKE) --no-print-directory status
