@@ -45,7 +45,13 @@ def test_the_sample_snapshot_gives_every_mart(sample_serving_db, sample_bytes) -
         row = latest.filter(pl.col("segment_key") == key).row(0, named=True)
         geometry = by_key[key]["geo_shape"]["geometry"]
         assert json.loads(row["geometry_geojson"]) == geometry
-        assert json.loads(row["path_json"]) == [point for part in geometry["coordinates"] for point in part]
+        path = json.loads(row["path_json"])
+        points = [point for part in geometry["coordinates"] for point in part]
+        assert len(path) == len(points)
+        for drawn, point in zip(path, points, strict=True):
+            # Rounded to 6 decimals (the path_json macro): within half a unit of the 6th, and no more digits.
+            assert drawn == [round(coordinate, 6) for coordinate in drawn]
+            assert drawn == pytest.approx(point[:2], rel=0, abs=5e-7 + 1e-12)
 
     (kpis,) = marts["network_kpis_latest"].iter_rows(named=True)
     measured = SAMPLE_RECORDS - statuses["unknown"]
