@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 from playwright.sync_api import Browser, Page
 
 from .conftest import ALL_CHARTS_SETTLED, CHART_ERRORS, REPO, SupersetInstance, chart_count, log_in
@@ -20,7 +21,8 @@ from .conftest import ALL_CHARTS_SETTLED, CHART_ERRORS, REPO, SupersetInstance, 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 
 ARTIFACTS = REPO / "test-artifacts"
-LIVE_TRAFFIC = REPO / "superset" / "bundle" / "dashboards" / "live_traffic.yaml"
+BUNDLE = REPO / "superset" / "bundle"
+LIVE_TRAFFIC = BUNDLE / "dashboards" / "live_traffic.yaml"
 SEGMENTS_IN_SAMPLE = "2,859"
 # Status colours of the map (js_data_mutator of map_traffic_status.yaml): free flow, heavy, congested.
 STATUS_COLORS = {"freeFlow": (46, 158, 68), "heavy": (242, 140, 40), "congested": (224, 32, 32)}
@@ -150,3 +152,40 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     assert page.request.get(superset.url + "/api/v1/database/").status == 403
     assert page.request.get(superset.url + "/api/v1/sqllab/").status == 403
     page.close()
+
+
+def dataset_column(column: str) -> str:
+    """A column of the segment_latest dataset as Superset selects it: its SQL expression when it is calculated."""
+    dataset = yaml.safe_load((BUNDLE / "datasets" / "segment_latest.yaml").read_text())
+    (definition,) = [c for c in dataset["columns"] if c["column_name"] == column]
+    return f"{definition['expression']} AS {column}" if definition.get("expression") else column
+
+
+@pytest.mark.parametrize("chart", ["map_traffic_status", "map_speed_ratio"])
+def test_the_map_tooltips_say_what_the_dataset_says(chart: str, browser: Browser, serving_db: Path) -> None:
+    """The maps send only their js_columns, and their js_data_mutator derives the tooltip's status label and
+    (speed map) the speed as a percentage of the limit. On every segment of the sample, the mutator run in
+    Chromium gives what the dataset's own expressions give in DuckDB (status_label, speed_pct_of_limit over
+    segment_latest.speed_ratio): one definition may not drift from the other."""
+    params = yaml.safe_load((BUNDLE / "charts" / f"{chart}.yaml").read_text())["params"]
+    columns = params["js_columns"]
+    derived = ["status_label"] + (["speed_pct_of_limit"] if "speed_pct_of_limit" in params["tooltip_template"] else [])
+    with duckdb.connect(str(serving_db), read_only=True) as con:
+        selected = ", ".join(dataset_column(name) for name in [*columns, *derived])
+        cursor = con.execute(f"SELECT {selected} FROM segment_latest ORDER BY segment_key")
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    sent = [{"extraProps": {name: row[name] for name in columns}} for row in rows]
+    page = browser.new_page()
+    try:
+        mutated = page.evaluate(
+            "([source, rows]) => (new Function('return ' + source)())(rows).map(row => row.extraProps)",
+            [params["js_data_mutator"], sent],
+        )
+    finally:
+        page.close()
+    assert len(mutated) == len(rows) > 2000
+    for name in derived:
+        wrong = [(row, props[name]) for row, props in zip(rows, mutated, strict=True) if props[name] != row[name]]
+        assert wrong == [], f"{chart}: {len(wrong)} segments where the mutator's {name} differs: {wrong[:3]}"
+    assert {props["status_label"] for props in mutated} >= {"free flow", "heavy", "congested", "unknown"}
