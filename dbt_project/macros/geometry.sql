@@ -25,7 +25,8 @@
 {#- Whether the point (x, y) lies within `tolerance_m` metres of the straight piece from (ax, ay) to (bx, by)
     ([lon, lat] in degrees) and projects onto it, not beyond an end; on a flat projection at the piece's start
     (error far below a metre over a segment). With P = p - a and B = b - a in metres: |B x P| <= tolerance |B|
-    and 0 <= B . P <= |B|^2, both squared or as they are, so no root or division is needed. -#}
+    and 0 <= B . P <= |B|^2 (squared where needed, so no root or division). A piece of no length (the path
+    goes out to the point and back) is never near: the point is where the path turns. -#}
 {% macro near_piece(x, y, ax, ay, bx, by, tolerance_m) -%}
     {%- set metres_per_degree_lon = '(111320.0 * cos(radians(' ~ ay ~ ')))' -%}
     {%- set px = '((' ~ x ~ ' - ' ~ ax ~ ') * ' ~ metres_per_degree_lon ~ ')' -%}
@@ -36,6 +37,7 @@
         pow({{ qx }} * {{ py }} - {{ qy }} * {{ px }}, 2)
             <= {{ tolerance_m * tolerance_m }} * (pow({{ qx }}, 2) + pow({{ qy }}, 2))
         and {{ qx }} * {{ px }} + {{ qy }} * {{ py }} between 0 and pow({{ qx }}, 2) + pow({{ qy }}, 2)
+        and pow({{ qx }}, 2) + pow({{ qy }}, 2) > 0
     )
 {%- endmacro %}
 
