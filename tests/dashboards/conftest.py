@@ -209,9 +209,15 @@ def log_in(browser: Browser, superset: SupersetInstance, username: str, password
     return page
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Debian's headless Chromium through Playwright (Playwright's own browser downloads do not work here)."""
+    """Debian's headless Chromium through Playwright (Playwright's own browser downloads do not work here).
+
+    One per test module, not per session: while Playwright's sync API is open, its asyncio loop counts as running
+    in the process's main thread, and a later module's asyncio code there (the SMTP sink of
+    tests/dags/test_pipeline_freshness.py, dag.test() of tests/dags/test_traffic_merge.py) failed with "Cannot
+    run the event loop while another loop is running" whenever pytest-xdist gave it the same worker after a
+    dashboards module."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser-install`")
     from playwright.sync_api import sync_playwright
