@@ -3,7 +3,8 @@ without it (plain http://127.0.0.1, the local default) the cookie is not, or no 
 the login page sends as it unloads cannot undo the login.
 
 Superset's real application (superset_config.py through create_app) answers the login page in its own
-environment, on the test session's bootstrapped metadata, as a proxy would forward it.
+environment, on the test session's bootstrapped metadata, as a proxy would forward it. The same answer's content
+security policy names OpenStreetMap's tile host only when the maps have a base map (TRAFFICWATCH_BASE_MAP).
 """
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ from superset.app import create_app
 with create_app().test_client() as client:
     response = client.get("/login/", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "traffic.example"})
     print(json.dumps({"status": response.status_code, "cookies": response.headers.getlist("Set-Cookie"),
-                      "hsts": response.headers.get("Strict-Transport-Security")}))
+                      "hsts": response.headers.get("Strict-Transport-Security"),
+                      "csp": response.headers.get("Content-Security-Policy")}))
 """
 
 
-def login_page(superset: SupersetInstance, tls_proxy: str) -> subprocess.CompletedProcess:
+def login_page(superset: SupersetInstance, tls_proxy: str, base_map: str = "none") -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(SUPERSET_PYTHON), "-c", LOGIN_PAGE],
-        env={**superset.env, "SUPERSET_CONFIG_PATH": str(CONFIG), "TRAFFICWATCH_TLS_PROXY": tls_proxy},
+        env={
+            **superset.env,
+            "SUPERSET_CONFIG_PATH": str(CONFIG),
+            "TRAFFICWATCH_TLS_PROXY": tls_proxy,
+            "TRAFFICWATCH_BASE_MAP": base_map,
+        },
         capture_output=True,
         text=True,
         timeout=300,
@@ -86,3 +93,21 @@ def test_the_event_log_the_login_page_sends_as_it_unloads_cannot_undo_the_login(
     )
     assert answer.status_code < 500
     assert "session" not in answer.cookies, answer.headers.get("Set-Cookie")
+
+
+@pytest.mark.parametrize(("base_map", "allowed"), [("none", False), ("osm", True)])
+def test_the_content_security_policy_allows_the_tile_host_only_with_a_base_map(
+    superset: SupersetInstance, base_map: str, allowed: bool
+) -> None:
+    """TRAFFICWATCH_BASE_MAP=none (offline) leaves OpenStreetMap's tile host out of what pages may load."""
+    done = login_page(superset, "0", base_map)
+    assert done.returncode == 0, done.stderr[-2000:]
+    csp = json.loads(done.stdout.splitlines()[-1])["csp"]
+    assert "img-src 'self'" in csp
+    assert ("https://tile.openstreetmap.org" in csp) is allowed, csp
+
+
+def test_an_unknown_base_map_is_refused(superset: SupersetInstance) -> None:
+    done = login_page(superset, "0", "mapbox")
+    assert done.returncode != 0
+    assert "TRAFFICWATCH_BASE_MAP must be osm or none, not 'mapbox'" in done.stderr
