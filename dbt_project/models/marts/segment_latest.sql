@@ -5,7 +5,8 @@
 -- one after the other, thinned twice (thinning_pass: no point of the geometry ends up more than 1 m from the
 -- path drawn) and rounded to 6 decimals (0.11 m). A viewer's browser draws every line piece of both maps (in
 -- software WebGL where there is no GPU), and the source's 15-17 significant digits nearly doubled what the maps
--- send: on the real network 41 % fewer pieces, 707 -> 259 KB. geometry_geojson is kept whole.
+-- send: on the real network 41 % fewer pieces, 707 -> 259 KB. geometry_geojson is kept whole. In this query, not
+-- an ephemeral model: dbt does not inject an ephemeral model again when the worker reuses its parsed manifest.
 with parts as (
     select
         segment_key,
