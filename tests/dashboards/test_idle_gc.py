@@ -1,0 +1,92 @@
+"""Superset's full garbage collections wait for a moment without requests (superset_config._IdleCollector).
+
+Each case runs in Superset's own environment, in a process of its own (the collector changes the process's
+garbage collector settings): a small Flask app, given the collector as FLASK_APP_MUTATOR gives it Superset's,
+serves a request that keeps many new objects alive, which is what makes CPython start a full collection on its
+own. `gc.callbacks` records every full collection and how many requests were in flight when it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.dashboards.conftest import REPO, SUPERSET_PYTHON
+
+pytestmark = pytest.mark.dashboards
+
+SCRIPT = """
+import gc, importlib.util, json, sys, time
+from flask import Flask
+
+spec = importlib.util.spec_from_file_location("superset_config", sys.argv[1])
+config = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(config)
+install, max_pending = sys.argv[2] == "install", int(sys.argv[3])
+
+app = Flask("idle_gc_check")
+collector = config._IdleCollector()
+collector.IDLE_S = 0.3
+collector.MAX_PENDING = max_pending
+full = []  # (seconds since the start, requests in flight) of every full collection
+
+def note(phase, info):
+    if phase == "start" and info["generation"] == 2:
+        full.append((round(time.monotonic() - started, 3), collector.in_flight))
+
+kept = []
+
+@app.route("/work")
+def work():
+    for _ in range(40):  # objects that outlive the young generations, as a query's do
+        kept.append([[] for _ in range(20_000)])
+    return "done"
+
+if install:
+    collector.install(app)
+else:
+    app.wsgi_app = collector.counted(app.wsgi_app)  # counted only: CPython's own rule decides
+gc.collect()
+started = time.monotonic()
+gc.callbacks.append(note)
+assert app.test_client().get("/work").data == b"done"
+ended = round(time.monotonic() - started, 3)
+time.sleep(1.5)
+print(json.dumps({"full": full, "ended": ended, "threshold": gc.get_threshold()}))
+"""
+
+
+def run_case(tmp_path: Path, install: bool, max_pending: int = 500) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPERSET_", "TRAFFICWATCH_"))}
+    env |= {"TRAFFICWATCH_HOME": str(tmp_path), "SUPERSET_SECRET_KEY": secrets.token_urlsafe(48)}
+    done = subprocess.run(
+        [str(SUPERSET_PYTHON), "-c", SCRIPT, str(REPO / "superset" / "superset_config.py"),
+         "install" if install else "plain", str(max_pending)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_without_the_collector_a_request_that_keeps_objects_pays_for_full_collections(tmp_path: Path) -> None:
+    plain = run_case(tmp_path, install=False)
+    assert [in_flight for _, in_flight in plain["full"]].count(1) >= 1, plain
+
+
+def test_full_collections_wait_until_no_request_is_in_flight(tmp_path: Path) -> None:
+    idle = run_case(tmp_path, install=True)
+    assert idle["full"], idle  # the collector ran one once the request was over
+    assert all(in_flight == 0 for _, in_flight in idle["full"]), idle
+    first_at = idle["full"][0][0]
+    assert idle["ended"] <= first_at <= idle["ended"] + 1.5, idle
+    assert idle["threshold"][2] >= 2**30  # CPython starts none on its own
+
+
+def test_a_server_never_idle_still_collects_after_max_pending(tmp_path: Path) -> None:
+    busy = run_case(tmp_path, install=True, max_pending=20)
+    assert any(in_flight == 1 for _, in_flight in busy["full"]), busy
