@@ -94,6 +94,10 @@ def free_s3_port() -> int:
     raise RuntimeError("no free block of loopback ports for a local S3 server")
 
 
+# The local S3 server's Go runtime settings (see local_s3); docker-compose.yml gives its s3 service the same.
+S3_GO_ENV = {"GOGC": "25"}
+
+
 def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = None) -> Service:
     """SeaweedFS `weed mini`: S3 on `port`, keys required; nothing else serves or takes data without credentials.
 
@@ -107,6 +111,10 @@ def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = N
     many volumes as free disk / 1 GiB (67 on a disk with 68 GB free): past that, every PutObject into a new
     bucket fails with InternalError. `max_volumes` raises the cap for a server that holds many buckets (the
     test session's: a bucket per test); volumes are sparse files, not preallocated.
+
+    Its Go runtime collects garbage once its heap has grown by a quarter (`GOGC=25`, `S3_GO_ENV`), not by
+    Go's default of all of it: while snapshots land every minute, the server's memory (PSS) went from
+    152-241 MiB over four minutes to 152-185 MiB, the most the stack's memory peak can lose in one service.
     """
     endpoint = f"http://127.0.0.1:{port}"
     security_dir = data_dir.with_name(f"{data_dir.name}-security")
@@ -130,7 +138,10 @@ def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = N
 
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
-    return Service("s3", command, ready, endpoint, prepare=lambda: write_seaweedfs_security(security_dir), umask=0o077)
+    return Service(
+        "s3", command, ready, endpoint, dict(S3_GO_ENV),
+        prepare=lambda: write_seaweedfs_security(security_dir), umask=0o077,
+    )  # fmt: skip
 
 
 def write_private(path: Path, content: bytes | str) -> None:

@@ -117,6 +117,9 @@ def test_compose_s3_is_hardened_like_the_local_one(tmp_path) -> None:
     assert hardening <= _flags(local)
     assert _flags(local) <= set(s3["command"]), "compose's s3 lacks switches that local runs have"
     assert s3["ports"] == ["127.0.0.1:8333:8333"]  # S3 alone is published
+    # The same Go runtime settings (its memory: see services.local_s3).
+    assert services.S3_GO_ENV and services.local_s3(tmp_path / "s3", 8333, "trafficwatch").env == services.S3_GO_ENV
+    assert {name: s3["environment"].get(name) for name in services.S3_GO_ENV} == services.S3_GO_ENV
     # Its security configuration: written by s3-security at every start, installed by start.sh, read by weed.
     config_dir = next(arg for arg in s3["command"] if arg.startswith("-config_dir="))
     assert s3["command"].index(config_dir) < s3["command"].index("mini")  # a global option of weed
