@@ -51,14 +51,14 @@ from trafficwatch.alerts import notifier_from_env
 def pipeline_freshness() -> None:
     @task(on_failure_callback=notifier_from_env())
     def check_dashboards_freshness() -> dict:
-        from trafficwatch import alerts
+        from trafficwatch import alerts, worker
         from trafficwatch.connections import task_settings
         from trafficwatch.errors import failure
 
         settings = None
         try:
             settings = task_settings()
-            freshness = alerts.check_freshness(settings)
+            freshness = worker.check_freshness(settings)  # in the worker when one runs: this process stays light
         except Exception as error:  # one line naming the cause; the traceback is in the log above it
             raise AirflowException(failure("freshness check", error, settings)) from None
         if freshness.stale:  # the same state would fail the same way: no retry, the next check comes soon

@@ -72,6 +72,24 @@ class Freshness:
             else None
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Freshness:
+        """The inverse of `as_dict` (the worker's answer: JSON carries the datetimes as ISO text)."""
+
+        def when(text: str | None) -> datetime | None:
+            return datetime.fromisoformat(text) if text else None
+
+        landed = data["newest_landed"]
+        newest = (
+            Landed(landed["key"], when(landed["measured_at"]), when(landed["landed_at"]), landed["merged"])
+            if landed
+            else None
+        )
+        return cls(
+            data["state"], data["line"], when(data["checked_at"]), data["stale_after_s"],
+            when(data["serving_measured_at"]), data["serving_age_s"], newest,
+        )  # fmt: skip
+
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"

@@ -152,9 +152,9 @@ def _cmd_check_freshness(args: argparse.Namespace) -> int:
     and by how much on stderr, exit 1. Otherwise (fresh, or the source quiet, or nothing landed yet) print the line
     on stdout, exit 0.
     """
-    from trafficwatch import alerts
+    from trafficwatch import worker
 
-    freshness = alerts.check_freshness(load_settings())
+    freshness = worker.check_freshness(load_settings())
     if freshness.stale:
         show_held()
         to_terminal(freshness.line)

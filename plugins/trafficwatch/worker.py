@@ -9,9 +9,10 @@ raw/ incrementally, see `raw.RawIndex`) and serves requests on a Unix socket,
 `$TRAFFICWATCH_HOME/run/worker.sock`, for the lake of its own home and bucket. Merges run one at a time,
 builds one at a time (the warehouse has a single writer); a build does not hold up the next merge.
 
-`merge_pending`, `count_pending` and `build_marts` go through one path, `run`: it hands the operation to the
-worker when one listens for the same home and bucket, and otherwise does it in this process. Either way the
-same functions do the work (`lake.merge_pending`, `lake.pending_raw`, `serving.build`), the result has the same
+`merge_pending`, `count_pending`, `build_marts` and `check_freshness` go through one path, `run`: it hands the
+operation to the worker when one listens for the same home and bucket, and otherwise does it in this process.
+Either way the same functions do the work (`lake.merge_pending`, `lake.pending_raw`, `serving.build`,
+`alerts.check_freshness`), the result has the same
 type, and a failure is raised as the same exception: the worker answers with the exception's class and
 arguments, and the requester raises that class again (`DataTestsFailed` with its failed tests). Only a failure
 whose class the requester cannot rebuild (not imported here, or not rebuilt from its arguments) comes back as
@@ -34,8 +35,9 @@ request names the lake it means: home, bucket, S3 endpoint and access key id (no
 settings name another (a DAG task given other S3 credentials by its Airflow connection) gets a mismatch and
 does the work in its own process with its own credentials.
 
-Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist", "home",
-"bucket", "s3_endpoint", "s3_access_key_id", "full_refresh"}`; answer `{"result", "log"}`, or
+Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist" |
+"freshness", "home", "bucket", "s3_endpoint", "s3_access_key_id", "full_refresh", "stale_after_s"}`; answer
+`{"result", "log"}`, or
 `{"error", "type", "args", "failed_tests", "unexpected", "log"}` (`type`: the exception's module and class name,
 `args` its arguments when JSON can carry them, `unexpected`: true when its traceback is in the worker's log), or
 `{"mismatch"}` when the worker serves another lake or credentials.
@@ -60,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from trafficwatch import errors
+from trafficwatch.alerts import Freshness
 from trafficwatch.config import ConfigError, Settings
 from trafficwatch.errors import BuildError, DataTestsFailed
 from trafficwatch.results import BuildResult, MergeResult
@@ -175,6 +178,10 @@ class Worker:
         with self.build_lock:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
 
+    def freshness(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The freshness check (no lock: it reads S3, the merge log and the serving file, as a task would)."""
+        return _freshness_here(self.settings, float(request["stale_after_s"])).as_dict()
+
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         own = lake_identity(self.settings)
         if {name: request.get(name) for name in own} != own:
@@ -182,6 +189,7 @@ class Worker:
             return {"mismatch": f"the worker serves {where}, with its own keys"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
             "merge": self.merge, "pending": self.pending, "build": self.build, "relist": self.relist,
+            "freshness": self.freshness,
         }  # fmt: skip
         operation = operations.get(str(request.get("op")))
         if operation is None:
@@ -344,6 +352,15 @@ def _build_here(settings: Settings, full_refresh: bool = False) -> BuildResult:
     return serving.build(settings, full_refresh=full_refresh)
 
 
+def _freshness_here(settings: Settings, stale_after_s: float) -> Freshness:
+    """`alerts.check_freshness` with the requester's threshold (the worker's own settings may have another)."""
+    from dataclasses import replace
+
+    from trafficwatch import alerts
+
+    return alerts.check_freshness(replace(settings, stale_after_s=stale_after_s))
+
+
 @dataclass(frozen=True)
 class _Operation:
     here: Callable[..., Any]  # the work in this process
@@ -355,11 +372,12 @@ _OPERATIONS = {
     "merge": _Operation(_merge_here, MergeResult.from_dict),
     "pending": _Operation(count_pending_here, int),
     "build": _Operation(_build_here, BuildResult.from_dict, done="built by the worker on %s"),
+    "freshness": _Operation(_freshness_here, Freshness.from_dict, done="freshness checked by the worker on %s"),
 }
 
 
 def run(settings: Settings, op: str, **arguments: Any) -> Any:
-    """Operation `op` ("merge", "pending", "build") in the worker when one serves this lake, else in this
+    """Operation `op` ("merge", "pending", "build", "freshness") in the worker when one serves this lake, else in this
     process: the same result type and the same exceptions either way (see the module's docstring)."""
     operation = _OPERATIONS[op]
     answer = _ask(settings, op, **arguments)
@@ -397,6 +415,14 @@ def relist_raw(settings: Settings) -> bool:
         return False
     _result(answer)
     return True
+
+
+def check_freshness(settings: Settings) -> Freshness:
+    """`alerts.check_freshness` (what the dashboards show against what landed): in the worker when one runs, else
+    in this process. The check reads the serving file with DuckDB and the merge log with delta-rs; asked of the
+    worker, which holds both already, the pipeline_freshness task's process stays light (~100 MiB less of the
+    stack's memory every other minute, while an ingest runs)."""
+    return run(settings, "freshness", stale_after_s=settings.stale_after_s)
 
 
 def build_marts(settings: Settings, full_refresh: bool = False) -> BuildResult:

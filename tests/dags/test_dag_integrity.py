@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import pytest
@@ -14,6 +15,9 @@ pytestmark = pytest.mark.airflow
 
 @pytest.fixture(scope="module")
 def dagbag(airflow_db) -> DagBag:
+    # trafficwatch.assets names its bucket at import: imported first by a test whose environment named a
+    # bucket of its own, it would keep that one. The DAGs are parsed here in the session's environment.
+    sys.modules.pop("trafficwatch.assets", None)
     return DagBag(dag_folder=str(REPO / "dags"))
 
 

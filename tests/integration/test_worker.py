@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import SAMPLE_RECORDS, land_raw, redated
-from trafficwatch import errors, lake, services, serving, storage, worker
+from trafficwatch import alerts, errors, lake, services, serving, storage, worker
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,25 @@ def test_builds_run_in_the_worker_and_failures_come_back(running_worker, sample_
     with caplog.at_level(logging.WARNING, logger="trafficwatch.worker"), pytest.raises(serving.BuildError):
         worker.build_marts(other)  # ... and that bucket has no lake: the local build fails, one line
     assert f"the worker serves home {settings.home} and bucket {settings.bucket}" in caplog.text
+
+
+def test_the_freshness_check_runs_in_the_worker_with_the_requesters_threshold(
+    running_worker, sample_bytes, caplog
+) -> None:
+    settings = running_worker
+    land_raw(settings, sample_bytes)  # landed now, measured in 2024: the data shown is old, the source up
+    worker.merge_pending(settings)
+    worker.build_marts(settings)
+    with caplog.at_level(logging.INFO, logger="trafficwatch.worker"):
+        stale = worker.check_freshness(settings)
+    assert "freshness checked by the worker" in caplog.text
+    here = alerts.check_freshness(settings)
+    assert stale.state == here.state == alerts.STALE
+    assert (stale.serving_measured_at, stale.newest_landed) == (here.serving_measured_at, here.newest_landed)
+    assert stale.newest_landed.merged and stale.line.startswith("dashboards stale: newest data shown 2024-")
+    # The worker started with the default threshold (600 s); the requester's own is the one applied.
+    lenient = worker.check_freshness(replace(settings, stale_after_s=10**9))
+    assert (lenient.state, lenient.stale_after_s) == (alerts.FRESH, 10**9)
 
 
 def test_a_socket_left_by_a_stopped_worker_means_working_here(s3_settings, sample_bytes, caplog) -> None:

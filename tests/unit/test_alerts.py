@@ -99,6 +99,24 @@ def test_as_dict_is_json_ready() -> None:
     assert json.loads(json.dumps(data))["newest_landed"]["landed_at"] == "2026-11-30T10:29:00+00:00"
 
 
+@pytest.mark.parametrize(
+    "freshness",
+    [
+        assess(NOW - timedelta(minutes=14), _landed(1, 0.5, merged=True), NOW),  # stale
+        assess(None, None, NOW, serving_db="/srv/serving.duckdb"),  # nothing shown, nothing landed
+        assess(NOW - timedelta(minutes=1), None, NOW),  # shown, nothing landed
+    ],
+    ids=["stale", "no_data", "nothing_landed"],
+)
+def test_from_dict_gives_back_what_as_dict_gave(freshness: alerts.Freshness) -> None:
+    """The worker answers with as_dict through JSON; the requester rebuilds the same Freshness."""
+    import json
+
+    again = alerts.Freshness.from_dict(json.loads(json.dumps(freshness.as_dict())))
+    assert again == freshness
+    assert again.checked_at.tzinfo is not None
+
+
 def test_no_notifier_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAFFICWATCH_ALERT_NOTIFIER", raising=False)
     assert alerts.notifier_from_env() is None
