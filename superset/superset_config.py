@@ -232,7 +232,7 @@ class _IdleCollector:
 
     Superset holds a heap of long-lived objects, and CPython walks all of them in each full collection of its
     cyclic garbage collector, which it starts on its own after enough allocations, in whichever request
-    thread makes them: 176-528 ms pauses on this machine, some ten in a `make bench` viewer run (logged with
+    thread makes them: 176-528 ms pauses on this machine, 13 in one `make bench` viewer run (logged with
     `gc.callbacks`), each one a chart answered that much later. The youngest two generations are still
     collected as usual (a few ms); the full collections are left to a thread that runs one when CPython would
     have been ready to (10 collections of the middle generation since the last) and no request has been in

@@ -12,9 +12,9 @@ builds one at a time (the warehouse has a single writer); a build does not hold 
 `merge_pending`, `count_pending`, `build_marts` and `check_freshness` go through one path, `run`: it hands the
 operation to the worker when one listens for the same home and bucket, and otherwise does it in this process.
 Either way the same functions do the work (`lake.merge_pending`, `lake.pending_raw`, `serving.build`,
-`alerts.check_freshness`), the result has the same
-type, and a failure is raised as the same exception: the worker answers with the exception's class and
-arguments, and the requester raises that class again (`DataTestsFailed` with its failed tests). Only a failure
+`alerts.check_freshness`), the result has the same type, and a failure is raised as the same exception: the
+worker answers with the exception's class and arguments, and the requester raises that class again
+(`DataTestsFailed` with its failed tests). Only a failure
 whose class the requester cannot rebuild (not imported here, or not rebuilt from its arguments) comes back as
 `WorkerError`, with its one-line cause. A failure the worker did not expect (not a `BuildError` or
 `ConfigError`) carries the worker's one-line cause as `worker_cause`, ending with `WORKER_NOTE` (its traceback
@@ -420,8 +420,8 @@ def relist_raw(settings: Settings) -> bool:
 def check_freshness(settings: Settings) -> Freshness:
     """`alerts.check_freshness` (what the dashboards show against what landed): in the worker when one runs, else
     in this process. The check reads the serving file with DuckDB and the merge log with delta-rs; asked of the
-    worker, which holds both already, the pipeline_freshness task's process stays light (~100 MiB less of the
-    stack's memory every other minute, while an ingest runs)."""
+    worker, which holds both already, the pipeline_freshness task's process stays light: 69 MiB of PSS where
+    it took 106-141 MiB, every other minute, at the same time as an ingest."""
     return run(settings, "freshness", stale_after_s=settings.stale_after_s)
 
 
