@@ -159,8 +159,10 @@ def superset(tmp_path_factory: pytest.TempPathFactory, serving_db: Path) -> Iter
 # Whether a dashboard has finished rendering: `expected` chart holders, none loading, each with something
 # drawn (or an error, which CHART_ERRORS reports), and the deck.gl maps' canvases sized.
 # One chart is settled: its error is shown (reported by CHART_ERRORS), or it is drawn (no spinner; a canvas, svg,
-# table or number) and, for a deck.gl map, its canvas sized.
+# table or number) and, for a deck.gl map, its canvas sized; or it is in a tab drawn before and not shown now (a
+# deck.gl map there shrinks its canvas to 1 x 1).
 CHART_SETTLED = """(chart) => {
+  if (chart.closest('[role="tabpanel"][aria-hidden="true"]')) return true;
   if (chart.querySelector('.ant-alert-error, [data-test="error-tooltip"]')) return true;
   if (chart.querySelector('[data-test="loading-indicator"]')) return false;
   if (!chart.querySelector('[data-test="chart-container"] :is(canvas, svg, table, .header-line)')) return false;
@@ -178,9 +180,38 @@ CHART_ERRORS = """() => Array.from(document.querySelectorAll('[data-test-chart-i
   .map(chart => `${chart.getAttribute('data-test-chart-name')}: ${chart.innerText.slice(0, 300)}`)"""
 
 
-def chart_count(dashboard_yaml: Path) -> int:
+def _layout(dashboard_yaml: Path) -> list[dict]:
     position = yaml.safe_load(dashboard_yaml.read_text())["position"]
-    return sum(1 for node in position.values() if isinstance(node, dict) and node.get("type") == "CHART")
+    return [node for node in position.values() if isinstance(node, dict)]
+
+
+def chart_count(dashboard_yaml: Path) -> int:
+    """Every chart of the dashboard's layout, in all its tabs."""
+    return sum(1 for node in _layout(dashboard_yaml) if node.get("type") == "CHART")
+
+
+def later_tabs(dashboard_yaml: Path) -> list[tuple[str, int]]:
+    """The tabs the dashboard does not open on (each tab group's tabs but its first), in layout order, with the
+    charts under each: Superset draws a tab's charts once the tab is opened."""
+    nodes = _layout(dashboard_yaml)
+    tabs = [tab for group in nodes if group.get("type") == "TABS" for tab in group["children"][1:]]
+    by_id = {node["id"]: node for node in nodes}
+    return [
+        (by_id[tab]["meta"]["text"], sum(1 for n in nodes if n.get("type") == "CHART" and tab in n["parents"]))
+        for tab in tabs
+    ]
+
+
+def charts_on_opening(dashboard_yaml: Path) -> int:
+    """The charts drawn when the dashboard opens: all but those of its later tabs."""
+    return chart_count(dashboard_yaml) - sum(charts for _, charts in later_tabs(dashboard_yaml))
+
+
+def open_tab(page: Page, title: str) -> float:
+    """Open the dashboard tab `title`; the page's clock (`performance.now()`, ms) just before the click."""
+    clicked_at = page.evaluate("() => performance.now()")
+    page.locator('[data-test="dashboard-component-tabs"] [role="tab"]', has_text=title).click()
+    return clicked_at
 
 
 LOGIN_MESSAGES = """() => Array.from(document.querySelectorAll('[role=alert], .ant-alert, .ant-message'))

@@ -16,7 +16,16 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page
 
-from .conftest import ALL_CHARTS_SETTLED, CHART_ERRORS, REPO, SupersetInstance, chart_count, log_in
+from .conftest import (
+    ALL_CHARTS_SETTLED,
+    CHART_ERRORS,
+    REPO,
+    SupersetInstance,
+    chart_count,
+    charts_on_opening,
+    log_in,
+    open_tab,
+)
 
 pytestmark = [pytest.mark.dashboards, pytest.mark.timeout(900)]
 
@@ -26,6 +35,8 @@ LIVE_TRAFFIC = BUNDLE / "dashboards" / "live_traffic.yaml"
 SEGMENTS_IN_SAMPLE = "2,859"
 # Status colours of the map (js_data_mutator of map_traffic_status.yaml): free flow, heavy, congested.
 STATUS_COLORS = {"freeFlow": (46, 158, 68), "heavy": (242, 140, 40), "congested": (224, 32, 32)}
+STATUS_MAP, SPEED_MAP = "Traffic now, by status", "Speed as a share of the limit"
+SPEED_TAB = "Speed / limit"  # the maps' second tab (the dashboard opens on the status map's)
 
 # How Playwright reports a request the content security policy refused (it never left the browser).
 CSP_REFUSED = "csp"
@@ -35,6 +46,8 @@ ONLY_ROAD_IN_TABLE = f"""(road) => {{
   return rows.length === 1 && rows[0].querySelector('td').innerText.trim() === road;
 }}"""
 MAP_CANVAS_SIZES = "() => Array.from(document.querySelectorAll('canvas#deckgl-overlay'), c => [c.width, c.height])"
+MAP_CANVAS_SIZES_OF = """(name) => Array.from(
+  document.querySelectorAll(`[data-test-chart-name="${name}"] canvas#deckgl-overlay`), c => [c.width, c.height])"""
 # Decode a PNG in the page (no imaging library in the test environment) and count pixels of each colour.
 COUNT_COLORS = """async ([png, colors]) => {
   const image = new Image();
@@ -107,10 +120,13 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     page.goto(superset.url + "/")
     page.wait_for_url("**/superset/dashboard/live-traffic/", timeout=60_000)
 
-    expected = chart_count(LIVE_TRAFFIC)
+    # It opens on the status map's tab: every chart but the speed map, which its tab draws once opened.
+    expected = charts_on_opening(LIVE_TRAFFIC)
+    assert expected == chart_count(LIVE_TRAFFIC) - 1
     page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
     assert page.evaluate(CHART_ERRORS) == []
     assert page.locator("[data-test-chart-id]").count() == expected
+    assert page.locator(f'[data-test-chart-name="{SPEED_MAP}"]').count() == 0
 
     assert kpi_text(page, "Segments") == SEGMENTS_IN_SAMPLE
     with duckdb.connect(str(serving_db), read_only=True) as con:
@@ -118,9 +134,9 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     assert kpi_text(page, "Reporting") == f"{reporting:,}"
 
     sizes = page.evaluate(MAP_CANVAS_SIZES)
-    assert len(sizes) == 2
+    assert len(sizes) == 1
     assert all(width > 300 and height > 150 for width, height in sizes), sizes  # 300x150: WebGL never started
-    counts = map_colors(page, "Traffic now, by status")
+    counts = map_colors(page, STATUS_MAP)
     assert all(count > 50 for count in counts.values()), f"the status map did not draw the network: {counts}"
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -129,6 +145,18 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=120_000, polling=1000)
     assert page.locator("[data-test-chart-id]").count() == expected
     assert page.evaluate(CHART_ERRORS) == []
+
+    # The speed map's tab: its map drawn too (its colours for >= 95 %, 60-80 % and 40-60 % of the limit are the
+    # status map's free flow, heavy and congested).
+    open_tab(page, SPEED_TAB)
+    expected = chart_count(LIVE_TRAFFIC)
+    page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
+    assert page.evaluate(CHART_ERRORS) == []
+    assert len(page.evaluate(MAP_CANVAS_SIZES)) == 2  # the status map's stays, hidden with its tab
+    ((width, height),) = page.evaluate(MAP_CANVAS_SIZES_OF, SPEED_MAP)
+    assert width > 300 and height > 150, (width, height)
+    counts = map_colors(page, SPEED_MAP)
+    assert all(count > 50 for count in counts.values()), f"the speed map did not draw the network: {counts}"
     assert console_errors == []
     left = {url: end for url, end in elsewhere.items() if end != CSP_REFUSED}
     assert left == {}, f"the page asked hosts other than Superset: {left}"

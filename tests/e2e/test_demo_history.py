@@ -35,7 +35,10 @@ from tests.dashboards.conftest import (
     CHART_ERRORS,
     browser,  # noqa: F401  the dashboards' headless Chromium, as a fixture here
     chart_count,
+    charts_on_opening,
+    later_tabs,
     log_in,
+    open_tab,
 )
 from tests.dashboards.test_live_traffic import ARTIFACTS, screenshot_dashboard
 from tests.support.stack import LocalStack
@@ -102,11 +105,18 @@ def wait_for_history(stack: LocalStack, days: int, deadline: float) -> int:
 
 
 def wait_for_data(page, url: str, dashboard: str, deadline: float) -> list[str]:
-    """Open the dashboard until every chart shows data or the deadline passes; the charts still empty."""
-    expected = chart_count(DASHBOARDS / f"{dashboard}.yaml")
+    """Open the dashboard, and each of its other tabs, until every chart shows data or the deadline passes; the
+    charts still empty."""
+    layout = DASHBOARDS / f"{dashboard}.yaml"
     while True:
         page.goto(url)
+        expected = charts_on_opening(layout)
         page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=300_000, polling=1000)
+        for title, charts in later_tabs(layout):
+            open_tab(page, title)
+            expected += charts
+            page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=300_000, polling=1000)
+        assert expected == chart_count(layout), dashboard
         assert page.evaluate(CHART_ERRORS) == [], dashboard
         empty = page.evaluate(EMPTY_CHARTS)
         if not empty or time.monotonic() > deadline:
@@ -116,7 +126,10 @@ def wait_for_data(page, url: str, dashboard: str, deadline: float) -> list[str]:
 
 def screenshot(page, name: str, dashboard: str) -> None:
     path = ARTIFACTS / f"demo_{name}.png"
-    screenshot_dashboard(page, path, chart_count(DASHBOARDS / f"{dashboard}.yaml"))
+    layout = DASHBOARDS / f"{dashboard}.yaml"
+    if later_tabs(layout):  # wait_for_data left its last tab open: the picture shows the dashboard as it opens
+        page.reload()
+    screenshot_dashboard(page, path, charts_on_opening(layout))
     if target := os.environ.get("TRAFFICWATCH_SCREENSHOTS_DIR"):
         Path(target).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, Path(target) / f"{name}.png")
