@@ -1,15 +1,16 @@
 """What the real API accepts and answers, as the local feed imitates it: paths, paging limits, the daily
-quota, and its errors. The paths are the pipeline client's own (`trafficwatch.source`)."""
+quota, and its errors. The paths are the pipeline client's own (`trafficwatch.config`, which
+`trafficwatch.source` asks)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from trafficwatch import source
+from trafficwatch import config
 
-EXPORTS_PATH = source.EXPORTS_PATH
-RECORDS_PATH = source.RECORDS_PATH
-V1_PATH = source.V1_PATH.rstrip("/")  # routes are matched without their trailing slash
+EXPORTS_PATH = config.EXPORTS_PATH
+RECORDS_PATH = config.RECORDS_PATH
+V1_PATH = config.V1_PATH.rstrip("/")  # routes are matched without their trailing slash
 V2_PREFIX = "/api/explore/v2.1/catalog/datasets/"
 
 RECORDS_MAX_LIMIT = 100

@@ -102,7 +102,8 @@ class FeedServer(ThreadingHTTPServer):
         self.set_fault(config.fault, config.fault_count)
         self._calls = 0
         self._calls_day = datetime.now(UTC).date()
-        self._bodies = LRU(12)
+        # The snapshot served now and the one before, in a shape or two (~4 MB each): pages of one snapshot reuse it.
+        self._bodies = LRU(4)
         self._stopping = threading.Event()
         self._serving = False
         super().__init__((config.host, config.port), _Handler)

@@ -17,7 +17,7 @@ from datetime import time as time_of_day
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from trafficwatch import lake
+from trafficwatch.geodesy import geometry_length_m
 from trafficwatch_dev.snapshots import DEFAULT_TIMEZONE, LRU, geometry, json_array
 
 
@@ -42,7 +42,7 @@ def segment_length_m(geo_shape: Any) -> float:
     shape = geometry(geo_shape) or {}
     if not shape.get("coordinates"):
         return 0.0
-    return lake.geometry_length_m(json.dumps(shape)) or 0.0
+    return geometry_length_m(json.dumps(shape)) or 0.0
 
 
 def _uniforms(key: bytes) -> tuple[float, float, float]:

@@ -16,6 +16,10 @@ from pathlib import Path
 
 DATASET = "etat-du-trafic-en-temps-reel"
 API_MODES = ("exports", "records", "v1")
+# The dataset's paths on the portal, one per API mode (the client, `trafficwatch.source`, and the local feed).
+EXPORTS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/exports/json"
+RECORDS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/records"
+V1_PATH = "/api/records/1.0/search/"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_API_URL = "https://data.rennesmetropole.fr"
 DEFAULT_REGION = "us-east-1"

@@ -29,9 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import boto3
-import botocore.exceptions
-
 from trafficwatch import connections
 
 
@@ -126,6 +123,10 @@ def local_s3(data_dir: Path, port: int, bucket: str, max_volumes: int | None = N
     ]  # fmt: skip
     if max_volumes is not None:
         command.append(f"-volume.max={max_volumes}")
+
+    # Here, not at the top: every `trafficwatch` command imports this module, and the local feed's process too.
+    import boto3
+    import botocore.exceptions
 
     def ready() -> bool:
         if not _port_open(port):

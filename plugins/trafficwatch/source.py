@@ -21,7 +21,7 @@ from typing import Any
 import requests
 import tenacity
 
-from trafficwatch.config import DATASET, Settings
+from trafficwatch.config import DATASET, EXPORTS_PATH, RECORDS_PATH, V1_PATH, Settings
 from trafficwatch.payloads import Snapshot, SourceError, normalize_payload, parse_datetime, parse_json, raw_records
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ USER_AGENT = "TrafficWatch/0.1 (open-source road traffic lakehouse; python-reque
 PAGE_LIMIT = 100  # the records endpoint refuses more
 PAGING_WINDOW = 10_000  # offset + limit must stay within this
 V1_ROWS = 10_000
-
-EXPORTS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/exports/json"
-RECORDS_PATH = f"/api/explore/v2.1/catalog/datasets/{DATASET}/records"
-V1_PATH = "/api/records/1.0/search/"
 
 
 @dataclass(frozen=True)

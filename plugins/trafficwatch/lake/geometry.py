@@ -1,13 +1,14 @@
 """What the lake reads from a segment's GeoJSON geometry text: its type, whether it is well formed, its end
-points (for validation) and its length (for road_segments)."""
+points (for validation) and its length (for road_segments: `trafficwatch.geodesy`, which the local feed's
+simulator shares)."""
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
-
 import polars as pl
+
+from trafficwatch.geodesy import geometry_length_m
+
+__all__ = ["GEOMETRY_FACTS", "geometry_facts", "geometry_length_m"]
 
 GEOMETRY_TYPES = ("LineString", "MultiLineString")
 GEOMETRY_TYPE = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')  # from the GeoJSON text
@@ -63,21 +64,3 @@ def geometry_facts(geometries: pl.Series) -> pl.DataFrame:
             _known_geometries = _known_geometries.clear()
         _known_geometries = pl.concat([_known_geometries, new])
     return distinct.join(_known_geometries, on="geometry", how="left")
-
-
-def _haversine_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
-    phi1, phi2 = math.radians(lat1), math.radians(lat2)
-    a = (
-        math.sin((phi2 - phi1) / 2) ** 2
-        + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
-    )
-    return 2 * 6_371_008.8 * math.asin(math.sqrt(a))
-
-
-def geometry_length_m(geojson: str | None) -> float | None:
-    """Length along a LineString or every part of a MultiLineString, in metres."""
-    if not geojson:
-        return None
-    geometry = json.loads(geojson)
-    lines = geometry["coordinates"] if geometry.get("type") == "MultiLineString" else [geometry["coordinates"]]
-    return sum(_haversine_m(*a[:2], *b[:2]) for line in lines for a, b in itertools.pairwise(line))
