@@ -185,3 +185,20 @@ def test_the_serving_database_is_registered_without_external_access() -> None:
         "read_only": True,
         "config": {"enable_external_access": False, "lock_configuration": True},
     }
+
+
+SIZING = (
+    "AIRFLOW__CORE__PARALLELISM",
+    "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES",
+    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL",
+)
+
+
+def test_compose_sizes_airflow_like_local_runs() -> None:
+    """The task slots and the DAG parsing that scripts/env.sh sizes for one machine (and says why) hold in
+    compose too, overridable the same way."""
+    env_sh = (REPO / "scripts" / "env.sh").read_text()
+    pipeline_env = _compose()["x-pipeline"]["environment"]
+    for name in SIZING:
+        (local,) = re.findall(rf'^export {name}="\$\{{{name}:-(\w+)\}}"$', env_sh, re.MULTILINE)
+        assert pipeline_env[name] == f"${{{name}:-{local}}}", name
