@@ -1,6 +1,6 @@
 """The length of a road segment from its GeoJSON geometry text, in pure Python.
 
-The lake measures road_segments with it (`trafficwatch.lake.geometry`), and the local feed's simulator its
+The lake measures road_segments with it (`trafficwatch.lake.segments`), and the local feed's simulator its
 simulated segments, so that both agree to the metre; this module imports nothing else, so the feed does not
 load polars or delta-rs for it.
 """

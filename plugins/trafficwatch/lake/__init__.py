@@ -16,7 +16,7 @@ The raw zone the merge reads (keys, listing, quarantine) is `trafficwatch.raw`. 
 as `lake.merge_pending(...)`; tests that hook into a step patch it in the module that calls it.
 """
 
-from trafficwatch.lake.geometry import geometry_length_m
+from trafficwatch.geodesy import geometry_length_m
 from trafficwatch.lake.maintenance import MaintenanceResult, expire_raw, maintain
 from trafficwatch.lake.merge import MergeResult, backfill, merge_objects, merge_pending
 from trafficwatch.lake.mergelog import append_merge_log, merged_keys, pending_raw, refused_keys

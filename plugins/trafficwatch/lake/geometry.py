@@ -1,14 +1,10 @@
-"""What the lake reads from a segment's GeoJSON geometry text: its type, whether it is well formed, its end
-points (for validation) and its length (for road_segments: `trafficwatch.geodesy`, which the local feed's
-simulator shares)."""
+"""What the lake reads from a segment's GeoJSON geometry text: its type, whether it is well formed and its end
+points (for validation). Its length (for road_segments) is `trafficwatch.geodesy`'s, which the local feed's
+simulator shares."""
 
 from __future__ import annotations
 
 import polars as pl
-
-from trafficwatch.geodesy import geometry_length_m
-
-__all__ = ["GEOMETRY_FACTS", "geometry_facts", "geometry_length_m"]
 
 GEOMETRY_TYPES = ("LineString", "MultiLineString")
 GEOMETRY_TYPE = pl.col("geometry").str.extract(r'"type"\s*:\s*"([A-Za-z]+)"')  # from the GeoJSON text

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
+from trafficwatch.geodesy import geometry_length_m
 from trafficwatch.lake import writes
-from trafficwatch.lake.geometry import geometry_length_m
 from trafficwatch.lake.schema import APP_ID, OBSERVATIONS, SCHEMAS, SEGMENT_ATTRIBUTES, SEGMENTS
 from trafficwatch.lake.tables import Tables, scan_table
 
