@@ -63,7 +63,6 @@ from tests.dashboards.conftest import (
     REPO,
     SupersetInstance,
     chart_count,
-    charts_on_opening,
     later_tabs,
     log_in,
     open_tab,
@@ -95,8 +94,12 @@ class Dashboard:
     title: str
     charts: int  # chart holders in its layout, all tabs
     user: str  # who opens it: viewer, or operator
-    on_opening: int  # the charts drawn when it opens (those of the tabs it opens on)
-    tabs: tuple[tuple[str, int], ...] = ()  # its other tabs, in layout order: title, charts
+    tabs: tuple[tuple[str, int], ...] = ()  # the tabs it does not open on, in layout order: title, charts
+
+    @property
+    def on_opening(self) -> int:
+        """The charts drawn when it opens: all but those of its other tabs."""
+        return self.charts - sum(charts for _, charts in self.tabs)
 
 
 def user_for(dataset_schemas: Iterable[str]) -> str:
@@ -114,16 +117,8 @@ def bundle_dashboards(bundle: Path = BUNDLE) -> list[Dashboard]:
         nodes = dashboard["position"].values()
         charts = [n["meta"]["uuid"] for n in nodes if isinstance(n, dict) and n.get("type") == "CHART"]
         user = user_for(schemas[chart_datasets[str(uuid)]] for uuid in charts)
-        dashboards.append(
-            Dashboard(
-                dashboard["slug"],
-                dashboard["dashboard_title"],
-                chart_count(path),
-                user,
-                charts_on_opening(path),
-                tuple(later_tabs(path)),
-            )
-        )
+        title = dashboard["dashboard_title"]
+        dashboards.append(Dashboard(dashboard["slug"], title, chart_count(path), user, tuple(later_tabs(path))))
     return dashboards
 
 

@@ -52,32 +52,31 @@ def test_no_module_of_the_package_is_over_500_lines() -> None:
     assert {name: lines for name, lines in sizes.items() if lines > MAX_LINES} == {}
 
 
+def _heavy_loaded(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of the `heavy` modules a new interpreter has loaded after `imports` (Python statements)."""
+    script = f"import json, sys\n{imports}\nprint(json.dumps(sorted(n for n in {heavy!r} if n in sys.modules)))"
+    return _imported(script)
+
+
+LAKE_AND_BUILD = ("duckdb", "polars", "deltalake", "pyarrow", "dbt", "trafficwatch.lake", "trafficwatch.serving")
 # What a DAG task or the triggerer imports to hand its work to the worker: none of the libraries that do the work.
 REQUESTER_IMPORTS = """
-import json, sys
 import trafficwatch.connections, trafficwatch.errors, trafficwatch.results, trafficwatch.waiting, trafficwatch.worker
 import trafficwatch.alerts  # the freshness task's
-heavy = ("duckdb", "polars", "deltalake", "pyarrow", "dbt", "trafficwatch.lake", "trafficwatch.serving")
-print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
 """
 
 
 def test_a_requester_of_the_worker_loads_no_lake_or_build_library() -> None:
     """~40 MiB of memory less in every merge and marts task process and in the triggerer, ~40-70 MiB in the
     freshness task's (see worker.py)."""
-    assert _imported(REQUESTER_IMPORTS) == []
+    assert _heavy_loaded(REQUESTER_IMPORTS, LAKE_AND_BUILD) == []
 
 
 # What the local feed's process imports (`python -m trafficwatch_dev.cli feed`, a service of `make demo`).
-FEED_IMPORTS = """
-import json, sys
-import trafficwatch_dev.cli, trafficwatch_dev.feed
-heavy = ("duckdb", "polars", "deltalake", "pyarrow", "dbt", "boto3", "trafficwatch.lake", "trafficwatch.payloads")
-print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
-"""
+FEED_IMPORTS = "import trafficwatch_dev.cli, trafficwatch_dev.feed"
 
 
 def test_the_local_feed_loads_no_lake_library_nor_boto3() -> None:
     """The feed serves JSON: its process was 81-107 MiB of PSS in the demo stack with polars, delta-rs and boto3
     loaded (for a segment length, three API paths and a readiness check), 26 MiB of RSS at start without."""
-    assert _imported(FEED_IMPORTS) == []
+    assert _heavy_loaded(FEED_IMPORTS, (*LAKE_AND_BUILD, "boto3", "trafficwatch.payloads")) == []
