@@ -151,7 +151,9 @@ def cached_serving_db() -> Path:
     manifest = LM.Manifest.load(home)
     with LM.bench_s3(home):
         _, root = ensure_marts(LM.s3_client(), manifest, home)
-    return root / "serving" / "traffic.duckdb"
+    path = root / "serving" / "traffic.duckdb"
+    serving.create_dashboard_views(path)  # the dashboards' views of this code, whenever the marts were cached
+    return path
 
 
 def working_copy(cached: Path, work: Path) -> None:

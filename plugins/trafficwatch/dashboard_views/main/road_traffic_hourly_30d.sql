@@ -1,0 +1,28 @@
+-- Per road direction and hour over the 30 days before the latest hour, in Rennes local time (Trends
+-- dashboard). Metrics aggregate the sums behind the means: a daily speed is not an average of hourly ones.
+WITH road_class AS (
+    SELECT road_name, mode(hierarchy) AS hierarchy FROM main.segment_latest GROUP BY road_name
+)
+SELECT
+    r.road_name,
+    r.direction,
+    c.hierarchy,
+    timezone('Europe/Paris', r.hour_start) AS hour_local,
+    r.segment_count,
+    r.mean_speed_kmh,
+    r.travel_time_s,
+    r.congested_share,
+    r.closed_share,
+    r.closed_segment_minutes,
+    r.measured_km,
+    r.measured_hours,
+    r.status_km,
+    r.congested_km,
+    r.closed_km,
+    r.typical_speed_kmh,
+    r.typical_travel_time_s,
+    r.typical_measured_km,
+    r.typical_measured_hours
+FROM main.road_traffic_hourly AS r
+LEFT JOIN road_class AS c USING (road_name)
+WHERE r.hour_start > (SELECT max(hour_start) FROM main.road_traffic_hourly) - INTERVAL 30 DAY
