@@ -9,6 +9,7 @@ connection (see bootstrap.py, which registers the database).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import threading
@@ -20,6 +21,7 @@ from flask import Flask, Response, g, redirect, request
 from flask.sessions import SecureCookieSessionInterface, SessionMixin
 from flask_login import current_user
 from sqlalchemy.pool import QueuePool
+from superset.utils.log import AbstractEventLogger
 
 _REPO = Path(__file__).resolve().parents[1]
 _PLACEHOLDER_KEYS = {"", "CHANGE_ME_TO_A_COMPLEX_RANDOM_SECRET", "thisISaSECRET_1234", "secret", "changeme"}
@@ -297,6 +299,33 @@ class _IdleCollector:
         gc.set_threshold(young, middle, self.NEVER)
         app.wsgi_app = self.counted(app.wsgi_app)  # type: ignore[method-assign]
         threading.Thread(target=self.run, name="idle-gc", daemon=True).start()
+
+
+class ServiceLogEventLogger(AbstractEventLogger):
+    """Superset's event log (each page, API call and chart query, its user and duration) as one line each in
+    Superset's own log, not as rows of its metadata DB. The default logger (DBEventLogger) wrote ~5 rows and
+    ~6 KB of JSON there per chart query: ~95 MB a day for one Live traffic screen refreshing every minute,
+    never pruned without Superset's Celery workers; its insert and commit took ~7 % of a chart query's time."""
+
+    events = logging.getLogger("superset.event_log")
+
+    def log(
+        self,
+        user_id: int | None,
+        action: str,
+        dashboard_id: int | None,
+        duration_ms: int | None,
+        slice_id: int | None,
+        referrer: str | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.events.info(
+            "%s user=%s dashboard=%s chart=%s duration_ms=%s", action, user_id, dashboard_id, slice_id, duration_ms
+        )
+
+
+EVENT_LOGGER = ServiceLogEventLogger()
 
 
 def _mutate(app: Flask) -> None:
