@@ -10,7 +10,8 @@ previous one patched with the rows the build changed, so a publish costs what th
 what the history weighs; a whole copy of the marts is written the first time, after a full refresh, once
 a day (to reclaim deleted rows) and whenever a patched mart does not match the warehouse. The 15-minute
 marts and the congestion events keep only the last TRAFFICWATCH_SERVING_DAYS days (default 30) there;
-the warehouse keeps all.
+the warehouse keeps all. Every publish also (re)creates the views the dashboards read over the marts and the
+health tables (DASHBOARD_VIEWS).
 """
 
 from __future__ import annotations
