@@ -40,11 +40,11 @@ def test_every_dataset_reads_a_relation_of_the_serving_file_with_its_columns_and
     sample_serving_db: Path,
 ) -> None:
     datasets = bundle_datasets()
-    assert len(datasets) == 12
+    marts = {f"main.{mart.name}" for mart in serving.MARTS}
+    # What the datasets read that is not a mart is exactly the views every publish makes.
+    assert {f"{d['schema']}.{d['table_name']}" for d in datasets} - marts == defined_views() != set()
     views = views_of(sample_serving_db)
     assert set(views) == defined_views()
-    assert len(views) == 10
-    read = set()
     with duckdb.connect(str(sample_serving_db), read_only=True) as con:
         for dataset in datasets:
             relation = f"{dataset['schema']}.{dataset['table_name']}"
@@ -58,8 +58,6 @@ def test_every_dataset_reads_a_relation_of_the_serving_file_with_its_columns_and
                     assert column["column_name"] in held, f"{relation}: no column {column['column_name']}"
             for metric in dataset["metrics"]:
                 con.execute(f"SELECT {metric['expression']} FROM {relation}").fetchall()
-            read.add(relation)
-    assert set(views) <= read, "a view no dataset reads"
 
 
 def test_a_patched_publish_brings_the_views_to_this_code(s3_server: str, sample_bytes: bytes, tmp_path: Path) -> None:
