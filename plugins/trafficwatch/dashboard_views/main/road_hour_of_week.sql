@@ -1,8 +1,5 @@
 -- The typical week of each road direction: one row per road direction, day of week and hour, with sortable
 -- labels. Metrics are ratios of sums, so several roads or directions aggregate without averaging averages.
-WITH road_class AS (
-    SELECT road_name, mode(hierarchy) AS hierarchy FROM main.segment_latest GROUP BY road_name
-)
 SELECT
     p.road_name,
     p.direction,
@@ -19,4 +16,4 @@ SELECT
     p.measured_hours,
     p.limit_hours
 FROM main.road_hour_of_week_profile AS p
-LEFT JOIN road_class AS c USING (road_name)
+LEFT JOIN main._road_class AS c USING (road_name)

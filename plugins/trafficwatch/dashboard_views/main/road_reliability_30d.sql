@@ -1,9 +1,6 @@
 -- Reliability of each road direction per Rennes day, over the 30 days before the latest one (Trends): the FHWA
 -- Urban Congestion Report indices of road_reliability_daily, with the road's main road class. A percentile
 -- does not add up: the Planning Time and Buffer Indices are per day (one row per road direction and day).
-WITH road_class AS (
-    SELECT road_name, mode(hierarchy) AS hierarchy FROM main.segment_latest GROUP BY road_name
-)
 SELECT
     r.road_name,
     r.direction,
@@ -21,5 +18,5 @@ SELECT
     r.congested_hours,
     r.closed_segment_minutes
 FROM main.road_reliability_daily AS r
-LEFT JOIN road_class AS c USING (road_name)
+LEFT JOIN main._road_class AS c USING (road_name)
 WHERE r.local_date > (SELECT max(local_date) FROM main.road_reliability_daily) - INTERVAL 30 DAY

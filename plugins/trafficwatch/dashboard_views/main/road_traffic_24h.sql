@@ -1,9 +1,6 @@
 -- Per road direction, 15-minute buckets over the 24 hours before the latest bucket (not before "now": a
 -- replayed or stalled feed still shows its last day), in Rennes local time, with the road's main road class.
 -- Metrics aggregate the sums behind the means (docs/traffic-measures.md): never an average of averages.
-WITH road_class AS (
-    SELECT road_name, mode(hierarchy) AS hierarchy FROM main.segment_latest GROUP BY road_name
-)
 SELECT
     r.road_name,
     r.direction,
@@ -25,5 +22,5 @@ SELECT
     r.typical_measured_km,
     r.typical_measured_hours
 FROM main.road_traffic_15min AS r
-LEFT JOIN road_class AS c USING (road_name)
+LEFT JOIN main._road_class AS c USING (road_name)
 WHERE r.bucket_start > (SELECT max(bucket_start) FROM main.road_traffic_15min) - INTERVAL 24 HOUR

@@ -1,8 +1,5 @@
 -- Per road direction and hour over the 30 days before the latest hour, in Rennes local time (Trends
 -- dashboard). Metrics aggregate the sums behind the means: a daily speed is not an average of hourly ones.
-WITH road_class AS (
-    SELECT road_name, mode(hierarchy) AS hierarchy FROM main.segment_latest GROUP BY road_name
-)
 SELECT
     r.road_name,
     r.direction,
@@ -24,5 +21,5 @@ SELECT
     r.typical_measured_km,
     r.typical_measured_hours
 FROM main.road_traffic_hourly AS r
-LEFT JOIN road_class AS c USING (road_name)
+LEFT JOIN main._road_class AS c USING (road_name)
 WHERE r.hour_start > (SELECT max(hour_start) FROM main.road_traffic_hourly) - INTERVAL 30 DAY
