@@ -47,14 +47,14 @@ def measure(stack: LocalStack, snapshots: int) -> dict[str, Any]:
     rows = stack.breakdown(measured)
     rss = [sample.rss_bytes for sample in watcher.samples]
     pss = [sample.pss_bytes for sample in watcher.samples]
-    peak = max(watcher.samples, key=lambda sample: sample.rss_bytes)
+    peak = max(watcher.samples, key=lambda sample: sample.pss_bytes)
     print(freshness.format_freshness(summary))
     print("where the time went (s): landed -> " + freshness.format_breakdown(rows))
     print(
         f"memory of the running stack ({len(rss)} samples): RSS median {statistics.median(rss) / MIB:,.0f} MiB, "
         f"peak {max(rss) / MIB:,.0f} MiB; PSS median {statistics.median(pss) / MIB:,.0f} MiB, "
-        f"peak {max(pss) / MIB:,.0f} MiB; {peak.processes} processes; per service at the peak (RSS MiB): "
-        + ", ".join(f"{name} {value / MIB:,.0f}" for name, value in peak.per_service_rss.items())
+        f"peak {max(pss) / MIB:,.0f} MiB; {peak.processes} processes; per service at the PSS peak (PSS MiB): "
+        + ", ".join(f"{name} {value / MIB:,.0f}" for name, value in peak.per_service_pss.items())
     )
     return {
         "freshness_median_s": summary["median_s"],

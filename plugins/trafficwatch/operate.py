@@ -150,6 +150,7 @@ class Memory:
     rss_bytes: int  # sum of RSS: pages shared between forked processes are counted in each
     pss_bytes: int  # sum of proportional set sizes: shared pages split between their users
     per_service_rss: dict[str, int] = field(default_factory=dict)
+    per_service_pss: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,13 +159,13 @@ class Memory:
 def stack_memory(home: Path) -> Memory:
     """Sum of RSS (and PSS) of every process in the running services' sessions (each service starts one: its
     pid is its session's id), so the Airflow task processes, each in a process group of its own, count too."""
-    per_service, processes, pss = {}, 0, 0
+    rss, pss, processes = {}, {}, 0
     for name, sid in service_groups(home).items():
         members = session_members(sid)
         processes += len(members)
-        per_service[name] = sum(rss_bytes(pid) for pid in members)
-        pss += sum(pss_bytes(pid) for pid in members)
-    return Memory(processes, sum(per_service.values()), pss, per_service)
+        rss[name] = sum(rss_bytes(pid) for pid in members)
+        pss[name] = sum(pss_bytes(pid) for pid in members)
+    return Memory(processes, sum(rss.values()), sum(pss.values()), rss, pss)
 
 
 # --------------------------------------------------------------------------- lag

@@ -184,16 +184,16 @@ def report_freshness(e2e: E2E, watcher: freshness.FreshnessWatcher, name: str) -
     summary = freshness.freshness_summary(watcher.measured())
     rows = e2e.stack.breakdown(watcher.measured())
     memory = [sample.as_dict() for sample in watcher.samples]
-    peak = max(memory, key=lambda sample: sample["rss_bytes"], default=None)
+    peak = max(memory, key=lambda sample: sample["pss_bytes"], default=None)
     e2e.record(name, {**summary, "breakdown": rows, "memory_peak": peak, "poll_errors": watcher.errors[-5:]})
     e2e.report.append(f"freshness, {name} (landing in S3 -> visible in segment_latest of the serving file):")
     e2e.report.extend("  " + line for line in freshness.format_freshness(summary).splitlines())
     e2e.report.extend("  " + line for line in freshness.format_breakdown(rows).splitlines())
     if peak:
         e2e.report.append(
-            f"  stack memory (peak of {len(memory)} samples): RSS {peak['rss_bytes'] / 2**20:,.0f} MiB, "
-            f"PSS {peak['pss_bytes'] / 2**20:,.0f} MiB, {peak['processes']} processes; "
-            + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in peak["per_service_rss"].items())
+            f"  stack memory (PSS peak of {len(memory)} samples): PSS {peak['pss_bytes'] / 2**20:,.0f} MiB, "
+            f"RSS {peak['rss_bytes'] / 2**20:,.0f} MiB, {peak['processes']} processes; PSS MiB per service "
+            + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in peak["per_service_pss"].items())
         )
     return summary
 

@@ -51,7 +51,7 @@ def test_stack_memory_counts_every_process_of_the_groups(tmp_path: Path) -> None
         memory = operate.stack_memory(tmp_path)
         assert memory.processes == 2
         assert memory.rss_bytes == memory.per_service_rss["airflow"] > 2 * 2**20
-        assert 0 < memory.pss_bytes <= memory.rss_bytes
+        assert 0 < memory.pss_bytes == memory.per_service_pss["airflow"] <= memory.rss_bytes
     finally:
         operate.stop_all(tmp_path, timeout_s=2)
 
