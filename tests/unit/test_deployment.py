@@ -202,3 +202,14 @@ def test_compose_sizes_airflow_like_local_runs() -> None:
     for name in SIZING:
         (local,) = re.findall(rf'^export {name}="\$\{{{name}:-(\w+)\}}"$', env_sh, re.MULTILINE)
         assert pipeline_env[name] == f"${{{name}:-{local}}}", name
+
+
+def test_the_worker_keeps_two_malloc_arenas_locally_and_in_compose(tmp_path) -> None:
+    """The worker's freed malloc memory stays bounded (services.WORKER_ENV says why) wherever it runs."""
+    from trafficwatch import services
+
+    assert services.WORKER_ENV == {"MALLOC_ARENA_MAX": "2"}
+    assert services.worker(tmp_path / "worker.sock").env == services.WORKER_ENV
+    worker = _compose()["services"]["worker"]["environment"]
+    assert {name: worker.get(name) for name in services.WORKER_ENV} == services.WORKER_ENV
+    assert _compose()["x-pipeline"]["environment"].items() <= worker.items()  # the pipeline's settings too
