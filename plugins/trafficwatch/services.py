@@ -251,9 +251,9 @@ def feed(port: int, args: list[str]) -> Service:
 
 
 # The worker's glibc malloc keeps two arenas, not up to eight per core. Each build runs on threads (dbt's, the
-# request's) that glibc spreads over new arenas, each keeping what was freed in it: over 16 minutes of the stack
-# (a build a minute), the worker's free-but-held malloc memory grew 44 -> 148 MiB and its anonymous memory at
-# rest 197 -> 265 MiB; with two arenas it stayed at 26-35 MiB, and 187 -> 216 MiB.
+# request's) that glibc spreads over new arenas, each keeping what was freed in it: over 20 minutes of the stack
+# (a build a minute), the worker's free-but-held malloc memory grew 44 -> ~150 MiB and its anonymous memory at
+# rest 197 -> ~263 MiB, levelling off once its 16 arenas were in use; with two arenas 26-35 and 187 -> ~218 MiB.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
