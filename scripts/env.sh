@@ -58,6 +58,9 @@ export AIRFLOW__CORE__LOAD_EXAMPLES=False
 # three slots hold what runs at once in steady state (an ingest, a merge, a marts build; the merge sensor waits
 # in the triggerer, not in a slot); a fourth task (the freshness check, an hourly DAG) waits for the next free one.
 export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-3}"
+# Airflow's LocalExecutor, but the scheduler's objects stay frozen for the garbage collector once it has forked
+# those slots, so its collections do not copy the pages it shares with them (plugins/trafficwatch/executor.py).
+export AIRFLOW__CORE__EXECUTOR="${AIRFLOW__CORE__EXECUTOR:-trafficwatch.executor.FrozenLocalExecutor}"
 # The dag-processor forks a parsing process per DAG file, this many at a time (default 2), each the size of an
 # Airflow process: one parses the six DAG files (7 s in all, measured on two busy cores) well within the 30 s
 # between parses of a file.

@@ -170,7 +170,8 @@ def test_secure_cookies_behind_a_tls_proxy_are_configured_and_documented() -> No
     apiserver = compose["airflow-apiserver"]
     assert "--proxy-headers" in apiserver["command"]
     assert apiserver["environment"]["FORWARDED_ALLOW_IPS"] == "${AIRFLOW_TRUSTED_PROXIES:-}"
-    assert apiserver["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"  # the shared settings stay
+    shared = _compose()["x-pipeline"]["environment"]["AIRFLOW__CORE__EXECUTOR"]
+    assert apiserver["environment"]["AIRFLOW__CORE__EXECUTOR"] == shared  # the shared settings stay
     example, readme = (REPO / ".env.example").read_text(), (REPO / "README.md").read_text()
     credentials = readme[readme.index("**Credentials.**") : readme.index("**AWS S3.**")]
     for name in ("TRAFFICWATCH_TLS_PROXY", "AIRFLOW_TRUSTED_PROXIES", "SUPERSET_DB_PASSWORD"):
@@ -191,16 +192,17 @@ SIZING = (
     "AIRFLOW__CORE__PARALLELISM",
     "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES",
     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL",
+    "AIRFLOW__CORE__EXECUTOR",  # the scheduler frozen for the garbage collector after forking the slots
 )
 
 
 def test_compose_sizes_airflow_like_local_runs() -> None:
-    """The task slots and the DAG parsing that scripts/env.sh sizes for one machine (and says why) hold in
-    compose too, overridable the same way."""
+    """The task slots, the DAG parsing and the executor that scripts/env.sh sizes for one machine (and says
+    why) hold in compose too, overridable the same way."""
     env_sh = (REPO / "scripts" / "env.sh").read_text()
     pipeline_env = _compose()["x-pipeline"]["environment"]
     for name in SIZING:
-        (local,) = re.findall(rf'^export {name}="\$\{{{name}:-(\w+)\}}"$', env_sh, re.MULTILINE)
+        (local,) = re.findall(rf'^export {name}="\$\{{{name}:-([\w.]+)\}}"$', env_sh, re.MULTILINE)
         assert pipeline_env[name] == f"${{{name}:-{local}}}", name
 
 
