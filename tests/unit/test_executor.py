@@ -25,16 +25,24 @@ def private_dirty_mib(pid):
             if line.startswith("Private_Dirty:"):
                 return int(line.split()[1]) / 1024
 
+def settled_private_dirty_mib(pid):  # once the slot waits for work: two reads 0.2 s apart within 0.25 MiB
+    last = private_dirty_mib(pid)
+    for _ in range(50):
+        time.sleep(0.2)
+        now = private_dirty_mib(pid)
+        if abs(now - last) < 0.25:
+            break
+        last = now
+    return now
+
 heap = [[i] for i in range(400_000)]  # objects the garbage collector tracks, spread over ~75 MiB of pages
 executor = {"airflow": LocalExecutor, "trafficwatch": FrozenLocalExecutor}[sys.argv[1]](parallelism=1)
 executor.start()
 try:
     slot = next(iter(executor.workers))
-    time.sleep(1.0)  # the slot settled, waiting for work
+    before = settled_private_dirty_mib(slot)
     frozen = gc.get_freeze_count()
-    before = private_dirty_mib(slot)
-    gc.collect()
-    time.sleep(0.2)
+    gc.collect()  # a page it writes to is copied for the scheduler: the slot's copy is then its own
     copied = private_dirty_mib(slot) - before
     gc.unfreeze()
     executor.sync()  # what the scheduler's loop calls, after a slot died and was forked again
