@@ -25,17 +25,21 @@ from airflow.executors.local_executor import LocalExecutor
 
 class FrozenLocalExecutor(LocalExecutor):
     """LocalExecutor, the scheduler's objects frozen after each time it forks task slots (at its start, and
-    when it replaces a slot that died)."""
+    when it replaces a slot that died): whenever its slots are not those it last froze for. Not by asking the
+    garbage collector (`gc.get_freeze_count` walks every frozen object: ~7 ms a call for 600,000 objects,
+    at every heartbeat)."""
+
+    _frozen_for: frozenset[int] = frozenset()
 
     def start(self) -> None:
         super().start()
-        _freeze_if_thawed()
+        self._freeze()
 
     def sync(self) -> None:
         super().sync()  # forks a new slot in place of one that died, freezing only while it forks
-        _freeze_if_thawed()
+        if frozenset(self.workers) != self._frozen_for:
+            self._freeze()
 
-
-def _freeze_if_thawed() -> None:
-    if gc.get_freeze_count() == 0:
+    def _freeze(self) -> None:
         gc.freeze()
+        self._frozen_for = frozenset(self.workers)
