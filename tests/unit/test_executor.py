@@ -18,12 +18,10 @@ SCRIPT = """
 import gc, json, sys, time
 from airflow.executors.local_executor import LocalExecutor
 from trafficwatch.executor import FrozenLocalExecutor
+from trafficwatch.operate import _proc_bytes
 
 def private_dirty_mib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as rollup:
-        for line in rollup:
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) / 1024
+    return _proc_bytes(pid, "smaps_rollup", "Private_Dirty:") / 2**20
 
 def settled_private_dirty_mib(pid):  # once the slot waits for work: two reads 0.2 s apart within 0.25 MiB
     last = private_dirty_mib(pid)
