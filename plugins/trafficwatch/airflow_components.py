@@ -9,7 +9,8 @@ standalone's parent (which imported Airflow to do the same) took about 144 MiB o
 What standalone also did is done elsewhere: the database migration (the Makefile's `_airflow` target), the
 admin user and its password (`AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS` and the passwords file that
 scripts/env.sh writes from secrets.env); the simple auth manager is Airflow's default, the executor Airflow's
-LocalExecutor with the scheduler left frozen for the garbage collector (`trafficwatch.executor`, set in scripts/env.sh).
+LocalExecutor with the scheduler left frozen for the garbage collector (`trafficwatch.executor`, set in scripts/env.sh);
+the triggerer is frozen when its job starts by the package's Airflow plugin (`trafficwatch.airflow_plugin`).
 
 The scheduler and the triggerer run without their log servers (`--skip-serve-logs`, each a process of 50-100
 MiB, bound to every interface on fixed ports 8793 and 8794): every component runs on this machine and writes
