@@ -4,7 +4,7 @@ Brings the stack up with `make demo` in a temporary home on free loopback ports 
 shell's settings), lets Airflow's scheduler land, merge and build N snapshots (the feed paced so that
 it publishes as fast as the ingest fetches, one a minute), polls the serving file read-only every 0.5 s
 as the dashboards read it, and samples the memory of the running stack (sum of RSS, and of PSS, of every
-process in the services' process groups) every 5 s. Prints one line per snapshot, the median and p95,
+process in the services' process groups) every second. Prints one line per snapshot, the median and p95,
 where the time went (merge sensor, merge, marts build), the memory; writes everything to --json; then
 `make down`. The same code as the end-to-end test (tests/support/stack.py and freshness.py). Figures only:
 nothing is asserted.

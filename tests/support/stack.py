@@ -169,13 +169,16 @@ class LocalStack:
         }
 
     def watcher(self, poll_s: float = 0.5) -> FreshnessWatcher:
-        """A freshness watcher on this stack's bucket and serving file, sampling its memory every 5 s."""
+        """A freshness watcher on this stack's bucket and serving file, sampling its memory every second: the
+        worker's build holds its peak (+120 MiB over its 475 MiB of PSS at rest) for about a second a minute,
+        which samples 5 s apart caught only now and then."""
         return FreshnessWatcher(
             self.s3(),
             self.settings().bucket,
             self.serving_db,
             poll_s,
             sample=lambda: stack_memory(self.home),
+            sample_every_s=1.0,
         )
 
     def lag(self) -> dict[str, Any]:
