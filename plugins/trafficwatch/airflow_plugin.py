@@ -14,6 +14,7 @@ is never reclaimed.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any, ClassVar
 
 from airflow.listeners import hookimpl
@@ -25,9 +26,10 @@ class FreezeAtJobStart:
 
     @hookimpl
     def on_starting(self, component: Any) -> None:
-        from airflow.jobs.job import Job
-
-        if isinstance(component, Job):
+        # Task processes call this too (with a marker): they have not imported Airflow's ORM, and a component
+        # can only be a Job where its module is loaded, so it is looked up, never imported, here.
+        jobs = sys.modules.get("airflow.jobs.job")
+        if jobs is not None and isinstance(component, jobs.Job):
             gc.freeze()
 
 

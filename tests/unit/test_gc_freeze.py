@@ -121,6 +121,18 @@ def test_the_plugin_freezes_when_a_job_is_created(triggerers: dict[str, dict[str
     assert triggerers["job"]["frozen"] >= 400_000, triggerers
 
 
+def test_a_task_process_starting_neither_freezes_nor_imports_airflows_orm() -> None:
+    script = """
+import gc, json, sys
+from airflow.sdk.execution_time.task_runner import TaskRunnerMarker
+from airflow.sdk.listener import get_listener_manager
+
+get_listener_manager().hook.on_starting(component=TaskRunnerMarker())  # as the task runner does at its start
+print("RESULT", json.dumps({"frozen": gc.get_freeze_count(), "orm": "airflow.jobs.job" in sys.modules}))
+"""
+    assert run_case(script, "task") == {"frozen": 0, "orm": False}
+
+
 def test_a_forked_runner_keeps_its_pages_shared_once_a_job_froze_them(triggerers: dict[str, dict[str, float]]) -> None:
     assert triggerers["no job"]["copied_mib"] >= 20, triggerers  # Airflow's triggerer without the plugin
     assert triggerers["job"]["copied_mib"] <= 5, triggerers
