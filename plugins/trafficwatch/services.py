@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trafficwatch import connections
+from trafficwatch import airflow_components, connections
 
 
 @dataclass(frozen=True)
@@ -280,18 +280,23 @@ def history(bucket: str) -> Service:
 
 
 def airflow(port: int) -> Service:
-    """Airflow's api-server, scheduler, dag-processor and triggerer, started by trafficwatch.airflow_components
-    (a parent of a few MiB, where `airflow standalone`'s took ~144 MiB of PSS); ready when the api-server's
-    health endpoint answers."""
+    """Airflow's api-server, scheduler, dag-processor and triggerer, forked by trafficwatch.airflow_components
+    from one process that imported Airflow once for all four; ready when the api-server's health endpoint
+    answers."""
     url = f"http://127.0.0.1:{port}"
-    airflow_bin = venv_bin("airflow")
     # Airflow may start `airflow` subprocesses by name: the environment's bin must lead PATH.
-    env = {"PATH": f"{Path(airflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {"PATH": f"{Path(venv_bin('airflow')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Its tasks take S3 and the API from Airflow connections: made from the local settings, unless set already.
     env.update(connections.connection_variables(os.environ))
     return Service(
         "airflow",
-        [sys.executable, "-m", "trafficwatch.airflow_components", airflow_bin],
+        [
+            sys.executable,
+            "-m",
+            "trafficwatch.airflow_components",
+            airflow_components.AIRFLOW_MAIN,
+            *airflow_components.PRELOAD,
+        ],
         http_ok(f"{url}/api/v2/monitor/health"),
         url,
         env,
