@@ -142,7 +142,9 @@ def _component_main(main: str, args: list[str], output_fd: int, inherited: list[
     try:
         for fd in inherited:  # the other components' pipes and this parent's selector
             os.close(fd)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)
@@ -153,10 +155,10 @@ def _component_main(main: str, args: list[str], output_fd: int, inherited: list[
             importlib.import_module("setproctitle").setproctitle(" ".join(sys.argv))
         importlib.import_module(main).main()
         code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-        if not isinstance(exit.code, int | None):
-            print(exit.code, file=sys.stderr)
+    except SystemExit as stop:  # sys.exit(n), or sys.exit("message") as the `airflow` command does
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:

@@ -21,6 +21,8 @@ import os, sys, time
 
 def main():
     print("component", " ".join(sys.argv[1:]), flush=True)
+    if sys.argv[1] == "triggerer" and os.environ.get("FAKE_TRIGGERER_EXITS") == "message":
+        sys.exit("the triggerer cannot reach its database")  # as the `airflow` command ends on some errors
     if sys.argv[1] == "triggerer" and os.environ.get("FAKE_TRIGGERER_EXITS"):
         sys.exit(3)
     time.sleep(600)
@@ -102,6 +104,21 @@ def test_a_component_that_exits_stops_the_others_and_the_parent_fails(tmp_path: 
     assert done.returncode == 1, done.stdout + done.stderr
     assert "triggerer exited with code 3: stopping the others" in done.stdout
     assert done.stdout.rstrip().endswith("| stopped")
+
+
+def test_a_component_that_exits_with_a_message_shows_it_under_its_name(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _command(),
+        env={**os.environ, **_fake_airflow(tmp_path), "FAKE_TRIGGERER_EXITS": "message"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{'triggerer':13} | the triggerer cannot reach its database" in done.stdout.splitlines()
+    assert "triggerer exited with code 1: stopping the others" in done.stdout
 
 
 def test_sigterm_to_the_parent_alone_stops_the_components(tmp_path: Path) -> None:
