@@ -91,31 +91,29 @@ def test_every_component_runs_in_the_service_group_and_one_sigterm_stops_them_al
     assert lines[-1].endswith("| stopped")
 
 
-def test_a_component_that_exits_stops_the_others_and_the_parent_fails(tmp_path: Path) -> None:
-    done = subprocess.run(
+def _until_the_triggerer_exits(tmp_path: Path, how: str) -> subprocess.CompletedProcess[str]:
+    """The parent run to its end, its stand-in triggerer exiting at once (`how`: "message" for sys.exit with a
+    message, anything else for code 3)."""
+    return subprocess.run(
         _command(),
-        env={**os.environ, **_fake_airflow(tmp_path), "FAKE_TRIGGERER_EXITS": "1"},
+        env={**os.environ, **_fake_airflow(tmp_path), "FAKE_TRIGGERER_EXITS": how},
         capture_output=True,
         text=True,
         timeout=60,
         start_new_session=True,
         check=False,
     )
+
+
+def test_a_component_that_exits_stops_the_others_and_the_parent_fails(tmp_path: Path) -> None:
+    done = _until_the_triggerer_exits(tmp_path, "code")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "triggerer exited with code 3: stopping the others" in done.stdout
     assert done.stdout.rstrip().endswith("| stopped")
 
 
 def test_a_component_that_exits_with_a_message_shows_it_under_its_name(tmp_path: Path) -> None:
-    done = subprocess.run(
-        _command(),
-        env={**os.environ, **_fake_airflow(tmp_path), "FAKE_TRIGGERER_EXITS": "message"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        start_new_session=True,
-        check=False,
-    )
+    done = _until_the_triggerer_exits(tmp_path, "message")
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"{'triggerer':13} | the triggerer cannot reach its database" in done.stdout.splitlines()
     assert "triggerer exited with code 1: stopping the others" in done.stdout
