@@ -202,6 +202,15 @@ def later_tabs(dashboard_yaml: Path) -> list[tuple[str, int]]:
     ]
 
 
+def chart_tab(dashboard_yaml: Path, chart_name: str) -> str | None:
+    """The title of the tab holding the chart named `chart_name`; None for a chart outside every tab."""
+    nodes = _layout(dashboard_yaml)
+    by_id = {node["id"]: node for node in nodes}
+    (chart,) = [n for n in nodes if n.get("type") == "CHART" and n["meta"].get("sliceName") == chart_name]
+    tabs = [by_id[parent]["meta"]["text"] for parent in chart["parents"] if by_id[parent].get("type") == "TAB"]
+    return tabs[-1] if tabs else None
+
+
 def charts_on_opening(dashboard_yaml: Path) -> int:
     """The charts drawn when the dashboard opens: all but those of its later tabs."""
     return chart_count(dashboard_yaml) - sum(charts for _, charts in later_tabs(dashboard_yaml))

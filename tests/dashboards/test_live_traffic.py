@@ -37,6 +37,12 @@ SEGMENTS_IN_SAMPLE = "2,859"
 STATUS_COLORS = {"freeFlow": (46, 158, 68), "heavy": (242, 140, 40), "congested": (224, 32, 32)}
 STATUS_MAP, SPEED_MAP = "Traffic now, by status", "Speed as a share of the limit"
 SPEED_TAB = "Speed / limit"  # the maps' second tab (the dashboard opens on the status map's)
+ROADS_TAB = "Roads"  # the third: the most congested roads now and the road charts of the last 24 h
+ROADS_TAB_CHARTS = (
+    "Most congested roads now",
+    "Mean speed, last 24 h (vs typical)",
+    "Travel time, last 24 h (vs typical)",
+)
 
 # How Playwright reports a request the content security policy refused (it never left the browser).
 CSP_REFUSED = "csp"
@@ -120,13 +126,15 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     page.goto(superset.url + "/")
     page.wait_for_url("**/superset/dashboard/live-traffic/", timeout=60_000)
 
-    # It opens on the status map's tab: every chart but the speed map, which its tab draws once opened.
+    # It opens on the status map's tab: the tiles and the status map; the speed map and the Roads tab's charts
+    # are drawn once their tab is opened.
     expected = charts_on_opening(LIVE_TRAFFIC)
-    assert expected == chart_count(LIVE_TRAFFIC) - 1
+    assert expected == chart_count(LIVE_TRAFFIC) - 1 - len(ROADS_TAB_CHARTS)
     page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
     assert page.evaluate(CHART_ERRORS) == []
     assert page.locator("[data-test-chart-id]").count() == expected
-    assert page.locator(f'[data-test-chart-name="{SPEED_MAP}"]').count() == 0
+    for later in (SPEED_MAP, *ROADS_TAB_CHARTS):
+        assert page.locator(f'[data-test-chart-name="{later}"]').count() == 0, later
 
     assert kpi_text(page, "Segments") == SEGMENTS_IN_SAMPLE
     with duckdb.connect(str(serving_db), read_only=True) as con:
@@ -149,7 +157,7 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     # The speed map's tab: its map drawn too (its colours for >= 95 %, 60-80 % and 40-60 % of the limit are the
     # status map's free flow, heavy and congested).
     open_tab(page, SPEED_TAB)
-    expected = chart_count(LIVE_TRAFFIC)
+    expected = chart_count(LIVE_TRAFFIC) - len(ROADS_TAB_CHARTS)
     page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
     assert page.evaluate(CHART_ERRORS) == []
     assert len(page.evaluate(MAP_CANVAS_SIZES)) == 2  # the status map's stays, hidden with its tab
@@ -157,6 +165,14 @@ def test_viewer_sees_live_traffic_and_no_sql_lab(
     assert width > 300 and height > 150, (width, height)
     counts = map_colors(page, SPEED_MAP)
     assert all(count > 50 for count in counts.values()), f"the speed map did not draw the network: {counts}"
+
+    # The Roads tab: the table of the most congested roads and the two road charts.
+    open_tab(page, ROADS_TAB)
+    expected = chart_count(LIVE_TRAFFIC)
+    page.wait_for_function(ALL_CHARTS_SETTLED, arg=expected, timeout=240_000, polling=1000)
+    assert page.evaluate(CHART_ERRORS) == []
+    for chart in ROADS_TAB_CHARTS:
+        assert page.locator(f'[data-test-chart-name="{chart}"]').count() == 1, chart
     assert console_errors == []
     left = {url: end for url, end in elsewhere.items() if end != CSP_REFUSED}
     assert left == {}, f"the page asked hosts other than Superset: {left}"
