@@ -215,7 +215,8 @@ class _HeldServingFile:
     each connection the path is looked at (inode, size, modification time): a replaced file gets a new
     database, and the old one is dropped, not closed, so a query still running on it finishes, and DuckDB
     frees it with its last cursor. A connection to anything else (another settings shape, a file not there)
-    is left to duckdb_engine."""
+    is left to duckdb_engine. (The in-memory database around the file holds nothing and could be written to
+    only by naming it, `memory`, in SQL Lab, which viewers do not have and where the database allows no DML.)"""
 
     CATALOG = "serving"
     SETTINGS = frozenset({"enable_external_access", "lock_configuration"})  # what databases/*.yaml sets

@@ -74,6 +74,7 @@ out["running_reads"] = cursor.fetchall()[0][0]
 running.close()
 out["read_file"] = refused("SELECT * FROM read_text('/etc/hostname')")
 out["unlock"] = refused("SET enable_external_access = true")
+out["write"] = refused("CREATE TABLE main.w AS SELECT 1 AS v")
 other = os.path.join(os.path.dirname(served), "other.duckdb")
 with duckdb.connect(other) as con:
     con.execute("CREATE TABLE t AS SELECT 7 AS v")
@@ -101,8 +102,9 @@ def test_the_serving_file_is_held_per_version_and_a_replaced_one_is_read_at_once
     # old one still reads it.
     assert out["second"] == [2] * 3 and out["opened_second"] == 2
     assert out["running_reads"] == 1
-    # The held file keeps the database's settings: no local file read, no unlocking them.
+    # The held file keeps the database's settings: no local file read, no unlocking them, no write.
     assert out["read_file"] and "file system operations are disabled" in out["read_file"], out["read_file"]
     assert out["unlock"] and "configuration has been locked" in out["unlock"], out["unlock"]
+    assert out["write"] and "read-only mode" in out["write"], out["write"]
     # Any other connection is duckdb_engine's own.
     assert out["writable"] == 7 and out["opened_last"] == 2
