@@ -62,11 +62,15 @@ def test_the_bundle_dashboards_with_their_users_and_charts(viewer: ModuleType) -
         assert dashboards[slug].charts == chart_count(folder / f"{name}.yaml") > 0
         assert dashboards[slug].on_opening == charts_on_opening(folder / f"{name}.yaml") > 0
     assert dashboards["pipeline-health"].title == "Pipeline health"
-    # Live traffic opens on its status map; the speed map is drawn once its tab is opened.
+    # Live traffic opens on its status map; the speed map and the Roads tab's three charts are drawn once their
+    # tab is opened.
     live = dashboards["live-traffic"]
-    assert live.tabs == (("Speed / limit", 1),)
-    assert live.on_opening == live.charts - 1
-    assert dashboards["trends"].tabs == () and dashboards["trends"].on_opening == dashboards["trends"].charts
+    assert live.tabs == (("Speed / limit", 1), ("Roads", 3))
+    assert live.on_opening == live.charts - 4
+    # Trends opens on its hour-by-hour heatmaps; its two other tabs hold the seven other charts.
+    trends = dashboards["trends"]
+    assert trends.tabs == (("Day by day", 4), ("Episodes", 3))
+    assert trends.on_opening == trends.charts - 7 == 2
 
 
 def test_a_captured_body_is_keyed_by_its_slice_and_native_filters_are_not_charts(viewer: ModuleType) -> None:
