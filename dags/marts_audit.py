@@ -10,7 +10,8 @@ known traffic statuses, one version in force per road segment (the merge guarant
 A failure names the failing tests in one line, is not retried (the same data fails the same way) and
 needs an operator. Same function as
 `trafficwatch audit`; it waits for a running build (one writer on the warehouse) and holds the next. Skipped
-until the marts have been built once (a new home).
+until the marts have been built once (a new home). When the worker service runs, the audit runs there, where
+dbt is imported already: this task's process stays light beside the minute's tasks.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ def marts_audit() -> None:
     @task(execution_timeout=timedelta(minutes=20))
     def audit_lake_through_staging() -> dict:
         from trafficwatch.connections import task_settings
-        from trafficwatch.dbt_build import DataTestsFailed, audit
-        from trafficwatch.errors import failure
+        from trafficwatch.errors import DataTestsFailed, failure
+        from trafficwatch.worker import audit_marts
 
         settings = None
         try:
             settings = task_settings()
-            counts = audit(settings)
+            counts = audit_marts(settings)
         except DataTestsFailed as error:  # the same data would fail the same way: no retry
             raise AirflowFailException(failure("audit", error, settings)) from None
         except Exception as error:  # one line naming the cause; the traceback is in the log above it

@@ -106,10 +106,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     lake, known statuses, one road segment version in force), which the minute's build leaves out. Exit 1 with one
     line naming the failing tests.
     """
-    from trafficwatch import dbt_build
+    from trafficwatch import worker
 
     with contextlib.redirect_stdout(LogWriter(logging.getLogger("trafficwatch.dbt"))):  # dbt's console output
-        counts = dbt_build.audit(load_settings())
+        counts = worker.audit_marts(load_settings())
     tests = counts["data tests"]
     say(f"audit passed: {tests} data tests" if tests else "nothing to audit: the marts have not been built yet")
     return 0
@@ -181,9 +181,9 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _cmd_maintain(args: argparse.Namespace) -> int:
     """compact, checkpoint and vacuum the Delta tables; expire old raw objects (if configured)"""
-    from trafficwatch import lake
+    from trafficwatch import worker
 
-    say(lake.maintain(load_settings()).summary())
+    say(worker.maintain_lake(load_settings()).summary())
     return 0
 
 

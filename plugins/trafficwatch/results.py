@@ -1,8 +1,9 @@
-"""What a merge and a marts build report: plain data, rebuilt from JSON by whoever asked the worker for them.
+"""What a merge, a marts build and the lake's maintenance report: plain data, rebuilt from JSON by whoever asked
+the worker for them.
 
-They live apart from the lake and the build (`lake.merge`, `serving`) so that a requester, a DAG task or the
-triggerer handing its work to the worker (`trafficwatch.worker`), never imports DuckDB, polars or delta-rs: about
-40 MiB of memory per process that only waits for an answer.
+They live apart from the lake and the build (`lake.merge`, `lake.maintenance`, `serving`) so that a requester, a
+DAG task or the triggerer handing its work to the worker (`trafficwatch.worker`), never imports DuckDB, polars or
+delta-rs: about 40 MiB of memory per process that only waits for an answer.
 """
 
 from __future__ import annotations
@@ -92,4 +93,28 @@ class BuildResult:
             f"({'whole copy' if self.full_publish else 'patched'}, "
             f"{sum(self.rows.values()):,} rows, latest measurement {latest}) to {self.serving_db} "
             f"in {self.publish_seconds:.1f} s"
+        )
+
+
+@dataclass
+class MaintenanceResult:
+    compacted: dict[str, int]
+    vacuumed_files: dict[str, int]
+    expired_raw_objects: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "compacted": self.compacted,
+            "vacuumed_files": self.vacuumed_files,
+            "expired_raw_objects": self.expired_raw_objects,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaintenanceResult:
+        return cls(**data)
+
+    def summary(self) -> str:
+        return (
+            f"compacted {sum(self.compacted.values())} files into fewer, vacuumed "
+            f"{sum(self.vacuumed_files.values())} unreferenced files, expired {self.expired_raw_objects} raw objects"
         )

@@ -1,5 +1,5 @@
 """The worker: a long-lived process that keeps dbt imported and the Delta tables open, and runs the
-merges and marts builds the DAG tasks (and the CLI) hand it.
+merges, marts builds, audits and lake maintenance the DAG tasks (and the CLI) hand it.
 
 Every Airflow task is a new process. Importing dbt costs it 5-6 s of CPU, more than half of a one-minute
 build-and-publish cycle; opening the three Delta tables of a merge costs ~15 ms of CPU each (the S3 client
@@ -7,12 +7,17 @@ parses the system's CA certificates every time), half of a one-snapshot merge; a
 snapshots lists all of raw/ (10-14 s after 30 days here). `trafficwatch worker` pays these once (then lists
 raw/ incrementally, see `raw.RawIndex`) and serves requests on a Unix socket,
 `$TRAFFICWATCH_HOME/run/worker.sock`, for the lake of its own home and bucket. Merges run one at a time,
-builds one at a time (the warehouse has a single writer); a build does not hold up the next merge.
+builds and audits one at a time (the warehouse has a single writer; one dbt invocation at a time in a process),
+maintenance runs one at a time; a build or a maintenance does not hold up the next merge.
 
-`merge_pending`, `count_pending`, `build_marts` and `check_freshness` go through one path, `run`: it hands the
-operation to the worker when one listens for the same home and bucket, and otherwise does it in this process.
-Either way the same functions do the work (`lake.merge_pending`, `lake.pending_raw`, `serving.build`,
-`alerts.check_freshness`), the result has the same type, and a failure is raised as the same exception: the
+The hourly work runs here too: an audit task or a maintenance task that did it in its own process imported dbt
+or delta-rs for it, at the top of the hour, beside the minute's merge and build tasks (the stack's memory peak).
+
+`merge_pending`, `count_pending`, `build_marts`, `audit_marts`, `maintain_lake` and `check_freshness` go through
+one path, `run`: it hands the operation to the worker when one listens for the same home and bucket, and
+otherwise does it in this process. Either way the same functions do the work (`lake.merge_pending`,
+`lake.pending_raw`, `serving.build`, `dbt_build.audit`, `lake.maintain`, `alerts.check_freshness`), the result
+has the same type, and a failure is raised as the same exception: the
 worker answers with the exception's class and arguments, and the requester raises that class again
 (`DataTestsFailed` with its failed tests). Only a failure
 whose class the requester cannot rebuild (not imported here, or not rebuilt from its arguments) comes back as
@@ -36,7 +41,9 @@ settings name another (a DAG task given other S3 credentials by its Airflow conn
 does the work in its own process with its own credentials.
 
 Protocol: one JSON line each way per connection. Request `{"op": "merge" | "pending" | "build" | "relist" |
-"freshness", "home", "bucket", "s3_endpoint", "s3_access_key_id", "full_refresh", "stale_after_s"}`; answer
+"freshness" | "audit" | "maintain", "home", "bucket", "s3_endpoint", "s3_access_key_id", "full_refresh",
+"stale_after_s", "vacuum_retention_hours", "raw_retention_days"}` (the settings a requester's own environment
+decides travel with the request); answer
 `{"result", "log"}`, or
 `{"error", "type", "args", "failed_tests", "unexpected", "log"}` (`type`: the exception's module and class name,
 `args` its arguments when JSON can carry them, `unexpected`: true when its traceback is in the worker's log), or
@@ -65,7 +72,7 @@ from trafficwatch import errors
 from trafficwatch.alerts import Freshness
 from trafficwatch.config import ConfigError, Settings
 from trafficwatch.errors import BuildError, DataTestsFailed
-from trafficwatch.results import BuildResult, MergeResult
+from trafficwatch.results import BuildResult, MaintenanceResult, MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +152,8 @@ class Worker:
         self.tables = lake.OpenTables(settings)
         self.raw = raw.RawIndex()
         self.lake_lock = threading.Lock()  # merges and pending counts share the open tables
-        self.build_lock = threading.Lock()  # the warehouse DuckDB has a single writer
+        self.build_lock = threading.Lock()  # the warehouse DuckDB has a single writer, dbt one invocation
+        self.maintenance_lock = threading.Lock()
 
     def relist_raw(self) -> None:
         """A full listing of raw/ now and every RELIST_RAW_S, beside the merges (see `raw.RawIndex`)."""
@@ -178,6 +186,17 @@ class Worker:
         with self.build_lock:
             return serving.build(self.settings, full_refresh=bool(request.get("full_refresh"))).as_dict()
 
+    def audit(self, request: dict[str, Any]) -> dict[str, int]:
+        with self.build_lock:
+            return _audit_here(self.settings)
+
+    def maintain(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Maintenance on tables of its own (not the merges' open ones, not under their lock): a commit of it
+        between two merges is one the next merge sees, as when another process maintained the lake."""
+        with self.maintenance_lock:
+            retentions = (int(request["vacuum_retention_hours"]), int(request["raw_retention_days"]))
+            return _maintain_here(self.settings, *retentions, s3=self.s3).as_dict()
+
     def freshness(self, request: dict[str, Any]) -> dict[str, Any]:
         """The freshness check (no lock: it reads S3, the merge log and the serving file, as a task would)."""
         return _freshness_here(self.settings, float(request["stale_after_s"])).as_dict()
@@ -189,7 +208,7 @@ class Worker:
             return {"mismatch": f"the worker serves {where}, with its own keys"}
         operations: dict[str, Callable[[dict[str, Any]], Any]] = {
             "merge": self.merge, "pending": self.pending, "build": self.build, "relist": self.relist,
-            "freshness": self.freshness,
+            "freshness": self.freshness, "audit": self.audit, "maintain": self.maintain,
         }  # fmt: skip
         operation = operations.get(str(request.get("op")))
         if operation is None:
@@ -352,6 +371,24 @@ def _build_here(settings: Settings, full_refresh: bool = False) -> BuildResult:
     return serving.build(settings, full_refresh=full_refresh)
 
 
+def _audit_here(settings: Settings) -> dict[str, int]:
+    from trafficwatch import dbt_build
+
+    return dbt_build.audit(settings)
+
+
+def _maintain_here(
+    settings: Settings, vacuum_retention_hours: int, raw_retention_days: int, s3: Any = None
+) -> MaintenanceResult:
+    """`lake.maintain` with the requester's retentions (the worker's own settings may have others)."""
+    from dataclasses import replace
+
+    from trafficwatch import lake
+
+    retentions = {"vacuum_retention_hours": vacuum_retention_hours, "raw_retention_days": raw_retention_days}
+    return lake.maintain(replace(settings, **retentions), s3)
+
+
 def _freshness_here(settings: Settings, stale_after_s: float) -> Freshness:
     """`alerts.check_freshness` with the requester's threshold (the worker's own settings may have another)."""
     from dataclasses import replace
@@ -373,11 +410,13 @@ _OPERATIONS = {
     "pending": _Operation(count_pending_here, int),
     "build": _Operation(_build_here, BuildResult.from_dict, done="built by the worker on %s"),
     "freshness": _Operation(_freshness_here, Freshness.from_dict, done="freshness checked by the worker on %s"),
+    "audit": _Operation(_audit_here, dict, done="audited by the worker on %s"),
+    "maintain": _Operation(_maintain_here, MaintenanceResult.from_dict, done="maintained by the worker on %s"),
 }
 
 
 def run(settings: Settings, op: str, **arguments: Any) -> Any:
-    """Operation `op` ("merge", "pending", "build", "freshness") in the worker when one serves this lake, else in this
+    """Operation `op` (a key of `_OPERATIONS`) in the worker when one serves this lake, else in this
     process: the same result type and the same exceptions either way (see the module's docstring)."""
     operation = _OPERATIONS[op]
     answer = _ask(settings, op, **arguments)
@@ -428,3 +467,19 @@ def check_freshness(settings: Settings) -> Freshness:
 def build_marts(settings: Settings, full_refresh: bool = False) -> BuildResult:
     """dbt build and publish (`serving.build`): in the worker when one runs, else in this process."""
     return run(settings, "build", full_refresh=full_refresh)
+
+
+def audit_marts(settings: Settings) -> dict[str, int]:
+    """The hourly audit (`dbt_build.audit`): in the worker when one runs, else in this process. Raises
+    DataTestsFailed naming the failing tests either way."""
+    return run(settings, "audit")
+
+
+def maintain_lake(settings: Settings) -> MaintenanceResult:
+    """Compaction, checkpoints, vacuum and raw expiry (`lake.maintain`) with this process's retentions: in the
+    worker when one runs, else in this process."""
+    retentions = {
+        "vacuum_retention_hours": settings.vacuum_retention_hours,
+        "raw_retention_days": settings.raw_retention_days,
+    }
+    return run(settings, "maintain", **retentions)

@@ -218,7 +218,7 @@ def test_an_unexpected_error_keeps_its_type_and_says_where_its_traceback_is(s3_s
     """An error of no known kind: its type and message, and where the traceback is (in-process, to raise one)."""
     from trafficwatch import cli
 
-    def broken(settings):
+    def broken(settings, s3=None):
         raise TypeError("'NoneType' object is not subscriptable\nsecond line")
 
     monkeypatch.setattr(lake, "maintain", broken)

@@ -116,6 +116,32 @@ def test_the_freshness_check_runs_in_the_worker_with_the_requesters_threshold(
     assert (lenient.state, lenient.stale_after_s) == (alerts.FRESH, 10**9)
 
 
+def test_the_hourly_audit_and_maintenance_run_in_the_worker_with_the_requesters_retentions(
+    running_worker, sample_bytes, caplog
+) -> None:
+    settings = running_worker
+    assert worker.audit_marts(settings) == {"data tests": 0}  # a new home: nothing built, nothing to audit
+    for minutes in (0, 3):
+        land_raw(settings, redated(sample_bytes, minutes))
+        assert worker.merge_pending(settings).merged_objects == 1  # a small file per table per merge
+    worker.build_marts(settings)
+    with caplog.at_level(logging.INFO, logger="trafficwatch.worker"):
+        audited = worker.audit_marts(settings)
+        # The worker started with the defaults (vacuum after 168 h, raw kept forever): the requester's apply.
+        maintained = worker.maintain_lake(replace(settings, vacuum_retention_hours=0, raw_retention_days=1))
+    assert "audited by the worker" in caplog.text and "maintained by the worker" in caplog.text
+    assert audited["data tests"] > 20
+    assert maintained.compacted[lake.OBSERVATIONS] == 2  # the two merges' files, rewritten as one
+    assert maintained.vacuumed_files[lake.OBSERVATIONS] == 2  # ... and deleted at once (retention 0 h)
+    assert maintained.expired_raw_objects == 2  # measured in 2024, merged: past a one-day retention
+    listed = storage.s3_client(settings).list_objects_v2(Bucket=settings.bucket, Prefix="raw/")
+    assert listed.get("KeyCount") == 0
+    assert f"[worker] {maintained.summary()}" in caplog.text  # the maintenance's log line came back
+    observations = _lake_rows(settings)[lake.OBSERVATIONS]
+    assert observations.height == 2 * SAMPLE_RECORDS  # nothing lost to the compaction
+    assert worker.merge_pending(settings).merged_objects == 0  # the merges' open tables after it: still right
+
+
 def test_a_socket_left_by_a_stopped_worker_means_working_here(s3_settings, sample_bytes, caplog) -> None:
     path = worker.socket_path(s3_settings)
     path.parent.mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,21 +11,9 @@ from trafficwatch.config import Settings
 from trafficwatch.lake import writes
 from trafficwatch.lake.mergelog import merged_keys
 from trafficwatch.lake.tables import Tables, ensure_tables, table_properties
+from trafficwatch.results import MaintenanceResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MaintenanceResult:
-    compacted: dict[str, int]
-    vacuumed_files: dict[str, int]
-    expired_raw_objects: int
-
-    def summary(self) -> str:
-        return (
-            f"compacted {sum(self.compacted.values())} files into fewer, vacuumed "
-            f"{sum(self.vacuumed_files.values())} unreferenced files, expired {self.expired_raw_objects} raw objects"
-        )
 
 
 def maintain(settings: Settings, s3: Any = None) -> MaintenanceResult:
