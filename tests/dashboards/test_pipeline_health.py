@@ -82,7 +82,7 @@ def test_operator_sees_every_health_chart_with_data_and_the_viewer_is_refused(
     operator = api_session(superset, "operator", superset.operator_password)
     viewer = api_session(superset, "viewer", superset.viewer_password)
     datasets = health_datasets()
-    assert len(datasets) == 4
+    assert len(datasets) == 5  # pipeline_snapshots and its 7-day view, builds, quarantine and rejected rows per day
     for name, dataset in datasets.items():
         response = rows_of(operator, superset, ids[name], dataset)
         assert response.status_code == 200, f"{name}: {response.text[:300]}"

@@ -230,3 +230,23 @@ def test_the_first_publish_after_an_upgrade_dates_what_was_served_by_its_absorpt
     health.record(new, previous, found, now + timedelta(seconds=2), 30, build)
     visible = dict(read(new, "snapshots").select("source_key", "visible_at").iter_rows())
     assert visible == {"old": absorbed, "new": now + timedelta(seconds=2)}
+
+
+def test_the_hourly_landing_chart_reads_the_7_days_before_the_newest_snapshot(tmp_path: Path) -> None:
+    newest = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    measured = [newest - timedelta(hours=6 * back) for back in range(40)]  # 10 days, one every 6 hours
+    path = _serving_file(tmp_path / "serving.duckdb", [])
+    rows = [
+        (f"k{back}", moment, moment + timedelta(seconds=20), moment + timedelta(seconds=25))
+        for back, moment in enumerate(measured)
+    ]
+    build = {"dbt_seconds": 2.0, "publish_seconds": 0.5, "full_publish": True, "serving_rows": 7}
+    health.record(path, None, _found(rows), newest + timedelta(minutes=1), 30, build)
+    with duckdb.connect(str(path)) as con:
+        for view in ("pipeline_snapshots", "pipeline_snapshots_7d"):
+            sql = (serving.DASHBOARD_VIEWS / health.SCHEMA / f"{view}.sql").read_text()
+            con.execute(f"CREATE VIEW {health.SCHEMA}.{view} AS {sql}")
+        every = {key for (key,) in con.execute("SELECT source_key FROM health.pipeline_snapshots").fetchall()}
+        week = {key for (key,) in con.execute("SELECT source_key FROM health.pipeline_snapshots_7d").fetchall()}
+    assert len(every) == 40
+    assert week == {f"k{back}" for back in range(28)}  # 27 x 6 h back and newer; 28 x 6 h (7 days exactly) is out

@@ -1,7 +1,8 @@
 -- Pipeline health (operators only): one row per object the merge took from raw/ (the lake's merge log, carried
 -- into the serving file by every publish: trafficwatch.health), with when it landed, was merged and first
 -- served, in Rennes local time. expected_per_hour is the upstream's cadence: 3,600 s over the median gap
--- between consecutive snapshot times.
+-- between consecutive snapshot times. measured_at (UTC) is there for views that select a period of it: a
+-- filter on it reaches the table's scan, before the local times are computed.
 WITH cadence AS (
     SELECT median(gap_s) AS cadence_s
     FROM (
@@ -12,6 +13,7 @@ WITH cadence AS (
 )
 SELECT
     s.source_key,
+    s.measured_at,
     timezone('Europe/Paris', s.measured_at) AS measured_local,
     timezone('Europe/Paris', s.landed_at) AS landed_local,
     timezone('Europe/Paris', s.merged_at) AS merged_local,
