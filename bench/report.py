@@ -78,7 +78,7 @@ def rows(stages: dict[str, dict[str, Any]]) -> list[tuple[str, float | None, str
         ("stack: freshness, landing to segment_latest, median", _get(stack, "freshness_median_s"), "s", ""),
         ("stack: freshness, landing to segment_latest, p95", _get(stack, "freshness_p95_s"), "s", "<= 12 s"),
         ("stack: memory of the running stack, peak RSS", _get(stack, "stack_rss_mb"), "MiB", ""),
-        ("stack: memory of the running stack, peak PSS", _get(stack, "stack_pss_mb"), "MiB", "<= 1,907 MiB (2.0 GB)"),
+        ("stack: peak PSS, the hourly DAGs in the window", _get(stack, "stack_pss_mb"), "MiB", "<= 1,907 MiB (2.0 GB)"),
         ("viewer: chart data, forced, worst chart's p95", _get(viewer, "worst_forced_p95_ms"), "ms", "<= 200 ms"),
         ("viewer: chart data, cached, worst chart's p95", _get(viewer, "worst_cached_p95_ms"), "ms", ""),
         ("viewer: dashboard render, cache empty, slowest", _get(viewer, "worst_render_empty_cache_s"), "s", "<= 5 s"),

@@ -220,22 +220,11 @@ def test_airflow_lands_merges_and_serves_every_snapshot_once(e2e: E2E, record_pr
     e2e.first_phase_done = True
 
 
-def _airflow_session(stack: LocalStack) -> requests.Session:
-    """A session on the stack's Airflow REST API as its admin (the password scripts/env.sh generated)."""
-    url = f"http://127.0.0.1:{stack.env['TRAFFICWATCH_AIRFLOW_PORT']}"
-    password = stack.environment()["TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD"]
-    token = requests.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30)
-    assert token.status_code == 201, token.text[:300]
-    session = requests.Session()
-    session.headers.update(Authorization=f"Bearer {token.json()['access_token']}", Accept="application/json")
-    return session
-
-
 def _task_log(
     stack: LocalStack, session: requests.Session, dag_id: str, task_id: str, states: list[str]
 ) -> dict[str, Any]:
     """The newest task instance of `task_id` in one of `states`, and its log as the Airflow UI reads it."""
-    dag_url = f"http://127.0.0.1:{stack.env['TRAFFICWATCH_AIRFLOW_PORT']}/api/v2/dags/{dag_id}/dagRuns"
+    dag_url = f"{stack.airflow_url}/api/v2/dags/{dag_id}/dagRuns"
     listed = session.get(
         f"{dag_url}/~/taskInstances",
         params={"task_id": task_id, "state": states, "order_by": "-start_date", "limit": 1},
@@ -258,7 +247,7 @@ def test_task_logs_are_readable_through_the_api(e2e: E2E) -> None:
     if not e2e.first_phase_done:
         pytest.skip("the first run did not complete")
     stack = e2e.stack
-    session = _airflow_session(stack)
+    session = stack.airflow_api()
     logs_dir = str(stack.home / "airflow" / "logs")
     ingest = _task_log(stack, session, "traffic_ingest", "fetch_and_land", ["success"])
     assert any(event.startswith(logs_dir) for event in ingest["events"]), ingest["events"][:10]
@@ -272,6 +261,32 @@ def test_task_logs_are_readable_through_the_api(e2e: E2E) -> None:
         f"a {waiting['state']} sensor {len(waiting['events'])}; sources: "
         + "; ".join(e for e in waiting["events"] if e.startswith(logs_dir) or "served logs" in e)
     )
+
+
+HOURLY = {"lake_maintenance": "compact_checkpoint_vacuum", "marts_audit": "audit_lake_through_staging"}
+
+
+def test_the_hourly_dags_hand_their_work_to_the_worker(e2e: E2E) -> None:
+    """lake_maintenance and marts_audit, triggered as an operator would from the UI, beside the minute's tasks:
+    they succeed, and the worker did their work (their task processes import neither delta-rs nor dbt)."""
+    if not e2e.first_phase_done:
+        pytest.skip("the first run did not complete")
+    stack = e2e.stack
+    session = stack.airflow_api()
+    runs = {dag_id: stack.trigger_dag(session, dag_id) for dag_id in HOURLY}
+    deadline = time.monotonic() + 300
+    while True:
+        states = {dag_id: stack.dag_run(session, dag_id, run)["state"] for dag_id, run in runs.items()}
+        if not set(states.values()) & {"queued", "running"} or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert states == dict.fromkeys(HOURLY, "success")
+    maintenance = _task_log(stack, session, "lake_maintenance", HOURLY["lake_maintenance"], ["success"])
+    audit = _task_log(stack, session, "marts_audit", HOURLY["marts_audit"], ["success"])  # run, not skipped
+    assert any("maintained by the worker" in event for event in maintenance["events"]), maintenance["events"][-20:]
+    assert any("[worker] compacted " in event for event in maintenance["events"]), maintenance["events"][-20:]
+    assert any("audited by the worker" in event for event in audit["events"]), audit["events"][-20:]
+    e2e.report.append(f"hourly DAGs through the worker: {states}")
 
 
 def test_down_and_demo_again_in_the_middle_merge_every_snapshot_once(e2e: E2E, record_property: Any) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import requests
 
 from tests.support.freshness import FreshnessWatcher, SnapshotFreshness, breakdown, task_runs
 from trafficwatch import services
@@ -225,6 +226,38 @@ class LocalStack:
     @property
     def airflow_db(self) -> Path:
         return self.home / "airflow" / "airflow.db"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['TRAFFICWATCH_AIRFLOW_PORT']}"
+
+    def airflow_api(self) -> requests.Session:
+        """A session on the stack's Airflow REST API as its admin (the password scripts/env.sh generated)."""
+        password = self.environment()["TRAFFICWATCH_AIRFLOW_ADMIN_PASSWORD"]
+        token = requests.post(
+            f"{self.airflow_url}/auth/token", json={"username": "admin", "password": password}, timeout=30
+        )
+        if token.status_code != 201:
+            raise StackError(f"Airflow refused the admin's token: {token.status_code} {token.text[:300]}")
+        session = requests.Session()
+        session.headers.update(Authorization=f"Bearer {token.json()['access_token']}", Accept="application/json")
+        return session
+
+    def trigger_dag(self, session: requests.Session, dag_id: str) -> str:
+        """A manual run of `dag_id` now, as the UI's trigger button makes it; its run id."""
+        posted = session.post(
+            f"{self.airflow_url}/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None}, timeout=30
+        )
+        if posted.status_code != 200:
+            raise StackError(f"Airflow refused to trigger {dag_id}: {posted.status_code} {posted.text[:300]}")
+        return str(posted.json()["dag_run_id"])
+
+    def dag_run(self, session: requests.Session, dag_id: str, run_id: str) -> dict[str, Any]:
+        """The run as the REST API shows it (state, start_date, end_date, ...)."""
+        got = session.get(f"{self.airflow_url}/api/v2/dags/{dag_id}/dagRuns/{run_id}", timeout=30)
+        if got.status_code != 200:
+            raise StackError(f"no run {run_id} of {dag_id}: {got.status_code} {got.text[:300]}")
+        return dict(got.json())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
