@@ -220,6 +220,9 @@ class _HeldServingFile:
 
     CATALOG = "serving"
     SETTINGS = frozenset({"enable_external_access", "lock_configuration"})  # what databases/*.yaml sets
+    # Superset's DuckDB engine spec adds its user agent to every connection's config (get_extra_params).
+    USER_AGENT = "custom_user_agent"
+    log = logging.getLogger("trafficwatch.held_serving_file")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -243,7 +246,7 @@ class _HeldServingFile:
             and cparams.get("read_only") is True
             and not cparams.get("url_config")
             and cparams.get("database") not in (None, "", ":memory:")
-            and set(config) <= self.SETTINGS
+            and set(config) <= self.SETTINGS | {self.USER_AGENT}
         )
 
     def connect(self, dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
@@ -263,6 +266,7 @@ class _HeldServingFile:
                 held = (version, self._attach(path, cparams.get("config") or {}))
                 self._held[path] = held
                 self.opened += 1
+                self.log.info("serving file attached read-only: %s (inode %d, %d bytes)", path, *version[:2])
             cursor = held[1].cursor()
         cursor.execute(f"USE {self.CATALOG}")
         return ConnectionWrapper(cursor)
@@ -270,7 +274,8 @@ class _HeldServingFile:
     def _attach(self, path: str, config: dict[str, Any]) -> Any:
         import duckdb
 
-        database = duckdb.connect(":memory:")
+        agent = config.get(self.USER_AGENT)
+        database = duckdb.connect(":memory:", config={self.USER_AGENT: agent} if agent else {})
         quoted = path.replace("'", "''")
         database.execute(f"ATTACH '{quoted}' AS {self.CATALOG} (READ_ONLY)")
         if config.get("enable_external_access") is False:

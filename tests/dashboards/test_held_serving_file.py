@@ -86,6 +86,8 @@ print(json.dumps(out))
 
 def test_the_serving_file_is_held_per_version_and_a_replaced_one_is_read_at_once(tmp_path: Path) -> None:
     connect_args = yaml.safe_load(DATABASE_YAML.read_text())["extra"]["engine_params"]["connect_args"]
+    # As Superset's DuckDB engine spec hands them to the engine: with its user agent added to the config.
+    connect_args["config"]["custom_user_agent"] = "apache-superset/6.1.0"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPERSET_", "TRAFFICWATCH_"))}
     done = subprocess.run(
         [str(SUPERSET_PYTHON), "-c", SCRIPT, str(REPO / "superset" / "superset_config.py"),

@@ -41,6 +41,12 @@ def publish(source: Path, serving_db: Path, segments: int) -> None:
     os.replace(staged, serving_db)
 
 
+def attached(superset: SupersetInstance) -> int:
+    """How many times Superset has opened its one serving file so far (superset_config._HeldServingFile logs
+    each)."""
+    return (superset.home / "logs" / "superset.log").read_text(errors="replace").count("serving file attached")
+
+
 def test_a_replaced_serving_file_is_read_at_once(superset: SupersetInstance, serving_db: Path, tmp_path: Path) -> None:
     session = requests.Session()
     login = session.post(
@@ -52,11 +58,19 @@ def test_a_replaced_serving_file_is_read_at_once(superset: SupersetInstance, ser
     original = tmp_path / "original.duckdb"
     shutil.copyfile(serving_db, original)
     first = segments_reporting(session, superset)
+    # Superset's queries of one published file are served by one open of it, not one open per query.
+    opened = attached(superset)
+    assert opened >= 1
+    assert [segments_reporting(session, superset) for _ in range(3)] == [first] * 3
+    assert attached(superset) == opened
     try:
         publish(original, serving_db, first + 1)
         assert segments_reporting(session, superset) == first + 1
+        assert segments_reporting(session, superset) == first + 1
+        assert attached(superset) == opened + 1
         publish(original, serving_db, first + 2)
         assert segments_reporting(session, superset) == first + 2
+        assert attached(superset) == opened + 2
     finally:
         shutil.copyfile(original, serving_db.with_suffix(".staged"))
         os.replace(serving_db.with_suffix(".staged"), serving_db)
