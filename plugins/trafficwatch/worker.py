@@ -240,12 +240,22 @@ def _failure(error: Exception, cause: str, unexpected: bool) -> dict[str, Any]:
 
 
 def serve(settings: Settings, path: Path | None = None) -> None:
-    """Import dbt, then answer requests on the socket (a thread each) until the process is stopped."""
+    """Import dbt and parse the project, then answer requests on the socket (a thread each) until the
+    process is stopped."""
     from dbt.cli.main import dbtRunner  # noqa: F401  the import this process exists to pay once
+
+    from trafficwatch import dbt_build
 
     # Set once, before any thread starts: a build then finds it set and writes no environment variable
     # (config.environ) while the Rust runtimes of other requests may read the environment.
     os.environ["DO_NOT_TRACK"] = "1"
+    # What a first build would pay (extensions checked, the project parsed), paid before any request and
+    # before the tables' Rust runtimes start (it sets dbt's environment variables meanwhile).
+    try:
+        dbt_build.prepare(settings)
+    except Exception as error:  # merges go on; each build reports the same error in its own words
+        cause = dbt_build.one_line(str(error))
+        log.warning("worker: dbt not prepared at start (the first build tries again): %s", cause)
     worker = Worker(settings)
     worker.tables.get()  # open (or create) the tables now, not on the first merge
     # dbt leaves ~165,000 long-lived objects that every full garbage collection would walk again (~115 ms,

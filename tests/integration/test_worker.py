@@ -88,6 +88,9 @@ def test_builds_run_in_the_worker_and_failures_come_back(running_worker, sample_
         assert con.execute("SELECT count(*) FROM segment_latest").fetchone() == (SAMPLE_RECORDS,)
     log_text = (settings.home / "logs" / "worker.log").read_text()
     assert "worker ready" in log_text and "built " in log_text  # the dbt build ran over there
+    # The project was parsed once, as the worker started, not by its first build.
+    assert log_text.count("dbt project parsed in") == 1
+    assert log_text.index("dbt project parsed in") < log_text.index("worker ready")
 
     # A requester for another bucket is not served by this worker: it builds in its own process.
     caplog.clear()
