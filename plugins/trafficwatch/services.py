@@ -258,8 +258,9 @@ WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
 def worker(socket_path: Path) -> Service:
-    """`trafficwatch worker`: dbt imported and the tables open once, merges and builds served on a Unix
-    socket (see worker.py), with two malloc arenas (`WORKER_ENV`)."""
+    """`trafficwatch worker`: dbt imported, the project parsed and the tables open once, merges and builds
+    served on a Unix socket (see worker.py), with two malloc arenas (`WORKER_ENV`). Ready once it listens:
+    ~8 s of CPU before that, so up to 120 s on a loaded machine."""
 
     def ready() -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -269,7 +270,8 @@ def worker(socket_path: Path) -> Service:
                 return False
         return True
 
-    return Service("worker", [venv_bin("trafficwatch"), "worker"], ready, f"unix:{socket_path}", dict(WORKER_ENV))
+    command = [venv_bin("trafficwatch"), "worker"]
+    return Service("worker", command, ready, f"unix:{socket_path}", dict(WORKER_ENV), start_timeout_s=120)
 
 
 def history(bucket: str) -> Service:
