@@ -276,9 +276,9 @@ def _parsed_project(common_args: list[str], key: tuple[Any, ...]) -> Any:
     return _PARSED[key]
 
 
-def _project_key(environment: dict[str, str]) -> tuple[Any, ...]:
-    """What a parsed project is valid for: the project's files and dbt's environment."""
-    return (project_fingerprint(), *sorted(environment.items(), key=str))
+def _project_key(fingerprint: str, environment: dict[str, str]) -> tuple[Any, ...]:
+    """What a parsed project is valid for: the project's files (`project_fingerprint`) and dbt's environment."""
+    return (fingerprint, *sorted(environment.items(), key=str))
 
 
 def prepare(settings: Settings, config: ServingConfig | None = None) -> None:
@@ -290,7 +290,7 @@ def prepare(settings: Settings, config: ServingConfig | None = None) -> None:
     ensure_extensions(config.extension_dir)
     environment = _dbt_environment(settings, config)
     with environ(environment):
-        _parsed_project(_dbt_common_args(config), _project_key(environment))
+        _parsed_project(_dbt_common_args(config), _project_key(project_fingerprint(), environment))
 
 
 def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = False) -> dict[str, int]:
@@ -327,7 +327,7 @@ def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = Fals
     environment = _dbt_environment(settings, config)
     with environ(environment):
         try:
-            manifest = _parsed_project(common, _project_key(environment))
+            manifest = _parsed_project(common, _project_key(fingerprint, environment))
             outcome = dbtRunner(manifest=manifest).invoke(args)
         finally:
             _release_warehouse()
@@ -366,7 +366,7 @@ def audit(settings: Settings, config: ServingConfig | None = None) -> dict[str, 
         if _views_built_for(config) is None:  # a new home: the staging views do not exist before a build
             return {"data tests": 0}
         try:
-            manifest = _parsed_project(common, _project_key(environment))
+            manifest = _parsed_project(common, _project_key(project_fingerprint(), environment))
             outcome = dbtRunner(manifest=manifest).invoke(
                 ["test", *common, "--no-write-json", "--select", AUDIT_SELECTION]
             )
