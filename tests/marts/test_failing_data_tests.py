@@ -7,6 +7,8 @@ test (dbt_project/tests/guard_built_rows.sql) must catch on the next build, nami
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 import pytest
 from airflow.dag_processing.dagbag import DagBag
@@ -36,16 +38,30 @@ def _duplicate_a_latest_observation(config: serving.ServingConfig) -> None:
         )
 
 
-def test_a_failing_data_test_names_itself_and_nothing_is_published(s3_settings, sample_bytes) -> None:
+def _node_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    messages = [record.getMessage() for record in caplog.records if record.name == dbt_build.log.name]
+    return [message for message in messages if re.match(r"dbt (model|test|operation) \S+: ", message)]
+
+
+def test_a_failing_data_test_names_itself_and_nothing_is_published(s3_settings, sample_bytes, caplog, capfd) -> None:
     config = serving_config(s3_settings)
     land_raw(s3_settings, sample_bytes)
     lake.merge_pending(s3_settings)
-    serving.build(s3_settings, config)
+    caplog.set_level("INFO", logger=dbt_build.log.name)
+    built = serving.build(s3_settings, config)
     published = _built_at(config)
+    # One line per node, logged by trafficwatch (dbt's own console and file loggers are off).
+    lines = _node_lines(caplog)
+    assert len(lines) == sum(built.nodes.values())
+    assert any(line.startswith("dbt model segment_latest: success in ") for line in lines)
+    assert f"dbt test {FAILING_TEST}: pass in " in " ".join(lines)
+    assert "PASS=" not in capfd.readouterr().out
 
+    caplog.clear()
     _duplicate_a_latest_observation(config)
     with pytest.raises(serving.DataTestsFailed) as failure:
         serving.build(s3_settings, config)
+    assert any(line.startswith(f"dbt test {FAILING_TEST}: fail in ") for line in _node_lines(caplog))
     assert failure.value.tests == [FAILING_TEST]
     message = str(failure.value)
     assert "\n" not in message
