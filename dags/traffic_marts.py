@@ -13,11 +13,11 @@ by atomic replace, so a dashboard never sees a lock error or a half-built state.
 
 If the guard fails, nothing is published (the dashboards keep the previous file), the task fails with
 the failing tests named in one line, and it is not retried: the same data would fail the same way. The
-log above that line has one line per dbt node with its result (dbt's warnings and errors too). Other
-errors are retried once. Same function as `trafficwatch build`: when the worker service runs (`make demo`
-and `make up` start it), the build runs there, in a process that imported dbt once, instead of paying
-dbt's 5-6 s import in every task; those lines come back into the task log and are in
-`$TRAFFICWATCH_HOME/logs/worker.log`.
+log above that line has one line per dbt node with its result. Other errors are retried once. Same
+function as `trafficwatch build`: when the worker service runs (`make demo` and `make up` start it), the
+build runs there, in a process that imported dbt once, instead of paying dbt's 5-6 s import in every task;
+those lines come back into the task log, and they and dbt's warnings are in
+`$TRAFFICWATCH_HOME/logs/worker.log` (dbt's warnings are in the task log when the task builds itself).
 """
 
 from __future__ import annotations
