@@ -247,7 +247,7 @@ def _dbt_common_args(config: ServingConfig) -> list[str]:
         # No dbt logger, on the console or in dbt.log: each formats every event, debug ones included
         # (SQL statements, ~300 a build), and scrubs it of secrets by reading the whole environment,
         # before its level drops it: 0.1-0.15 s of a minute's build, under the GIL the node threads
-        # share. What they showed is logged here instead: each node's result (`log_results`), and
+        # share. What they showed is logged here instead: each node's result (`_results`), and
         # dbt's warnings and errors as they come (`_forward_warnings`).
         "--log-level", "none",
         "--log-level-file", "none",
@@ -270,15 +270,17 @@ def _runner(manifest: Any = None) -> Any:
     return dbtRunner(manifest=manifest, callbacks=[_forward_warnings])
 
 
-def log_results(results: list[Any]) -> None:
-    """One line per node of a dbt run (what dbt printed): its kind, name, status and time, and a failed
-    test's failing rows."""
+def _results(outcome: Any) -> list[Any]:
+    """The node results of a dbt run, each logged in one line (what dbt printed): its kind, name, status and
+    time, and a failed test's failing rows."""
+    results = list(getattr(outcome.result, "results", None) or [])
     for result in results:
         node = result.node
         failures = f", {result.failures} failing rows" if getattr(result, "failures", None) else ""
         log.info(
             "dbt %s %s: %s in %.2f s%s", node.resource_type, node.name, result.status, result.execution_time, failures
         )
+    return results
 
 
 # The models' YAML data tests (whole tables, staging's included): hourly in `audit`, not in a minute's build,
@@ -357,8 +359,7 @@ def run_dbt(settings: Settings, config: ServingConfig, full_refresh: bool = Fals
             outcome = _runner(manifest).invoke(args)
         finally:
             _release_warehouse()
-    results = list(getattr(outcome.result, "results", None) or [])
-    log_results(results)
+    results = _results(outcome)
     if not outcome.success:
         message, failed_tests = _failure_message(results)
         if not message:
@@ -395,8 +396,7 @@ def audit(settings: Settings, config: ServingConfig | None = None) -> dict[str, 
             outcome = _runner(manifest).invoke(["test", *common, "--no-write-json", "--select", AUDIT_SELECTION])
         finally:
             _release_warehouse()
-    results = list(getattr(outcome.result, "results", None) or [])
-    log_results(results)
+    results = _results(outcome)
     if not outcome.success:
         message, failed_tests = _failure_message(results)
         message = f"dbt test failed: {message or one_line(str(outcome.exception or DBT_ERRORS_LOGGED))}"
