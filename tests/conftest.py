@@ -114,6 +114,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("s3home")
     keys = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
     with environ(keys):
+        # boto3's default session keeps the credentials it first found in this process: a test that ran
+        # before (in this worker) must not leave it other keys than this server's.
+        boto3.DEFAULT_SESSION = None
         # A bucket per test: far more buckets (each its own volumes) than the default cap allows.
         service = services.local_s3(home / "s3", services.free_s3_port(), "trafficwatch", max_volumes=5000)
         services.start(service, home)

@@ -16,13 +16,13 @@ import re
 import threading
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 RAW_PREFIX = "raw/"
 QUARANTINE_PREFIX = "quarantine/"
 RAW_SUFFIX = ".json.gz"
-RAW_KEY = re.compile(r"raw/date=\d{4}-\d{2}-\d{2}/\d{8}T\d{6}Z\.json\.gz")
+RAW_KEY = re.compile(r"raw/date=(\d{4}-\d{2}-\d{2})/(\d{8}T\d{6}Z)\.json\.gz")
 DELETES_PER_REQUEST = 1000  # S3's limit for one DeleteObjects
 
 
@@ -36,10 +36,21 @@ def raw_key(measured_at: datetime) -> str:
 
 def measured_at_of(key: str) -> datetime:
     """The snapshot time a raw key stands for (the inverse of `raw_key`); ValueError if it stands for none."""
-    stamp = key.rsplit("/", 1)[-1].removesuffix(RAW_SUFFIX)
-    if not RAW_KEY.fullmatch(key):
-        raise ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})")
-    return datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    match = RAW_KEY.fullmatch(key)
+    try:
+        day, stamp = match.groups() if match else ("", "")
+        measured_at = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        partition = date.fromisoformat(day)
+    except ValueError:
+        raise ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})") from None
+    # A copy under another day's partition names the same minute as its twin: merged side by side, every
+    # row would be there twice. Only the partition of the snapshot's own UTC day stands for it.
+    if partition != measured_at.date():
+        raise ValueError(
+            f"{key} is not a snapshot key: its partition date={day} is not the UTC day of its time "
+            f"{measured_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    return measured_at
 
 
 def key_time(key: str) -> datetime | None:

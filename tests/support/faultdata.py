@@ -165,6 +165,9 @@ def poisons(sample_bytes: bytes, first_minute: int = 30) -> list[Poison]:
     in_paris = {8: _feature({"type": "MultiLineString", "coordinates": [[[2.35, 48.85], [2.3512, 48.8507]]]})}
     one_record_at, bad_key_at, not_gzip_at = next(minutes), next(minutes), next(minutes)
     two_datetimes_at = next(minutes)
+    twin = good_snapshots(sample_bytes)[-1]
+    misdated = Snapshot(twin.key.replace("date=2024-08-26/", "date=2024-08-27/"), twin.payload)
+    assert misdated.key != twin.key, "the good snapshots moved to another day"
     two_datetimes = records_at(records, two_datetimes_at)
     two_datetimes[-1]["datetime"] = moment(two_datetimes_at + 1).isoformat()
     return [
@@ -199,6 +202,9 @@ def poisons(sample_bytes: bytes, first_minute: int = 30) -> list[Poison]:
             r"not a snapshot key",
         ),
         Poison("not-gzip", raw_key_at(moment(not_gzip_at)), snapshot(records, not_gzip_at), None, r"gzip"),
+        # The last good snapshot landed again under the next day's partition: its key names the same minute,
+        # so merged beside its twin it would give every row twice.
+        Poison("misdated-key", misdated.key, misdated.stored, None, r"(?=.*date=2024-08-27)(?=.*2024-08-26)"),
         # Controls: bad input that the code of 2026-11 already handles, so the checks are seen to pass.
         _answer("two-datetimes", two_datetimes_at, json.dumps(two_datetimes).encode(), r"inconsistent snapshot"),
         _rows("speed-420", records, next(minutes), {9: {"averagevehiclespeed": 420}}, r"outside 0-200"),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 from datetime import UTC, datetime
+
+import pytest
 
 from tests.unit.conftest import BUCKET
 from trafficwatch import landing, raw
@@ -27,6 +30,20 @@ def test_raw_key_is_the_upstream_datetime_in_utc() -> None:
     key = raw.raw_key(measured_at)
     assert key == "raw/date=2024-08-26/20240826T104300Z.json.gz"
     assert raw.measured_at_of(key) == measured_at
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("raw/date=2024-08-27/20240826T104300Z.json.gz", "partition date=2024-08-27 is not the UTC day of its time"),
+        ("raw/date=2024-08-26/20241326T104300Z.json.gz", "is not a snapshot key (raw/date=YYYY-MM-DD/"),
+        ("raw/date=2024-08-26/notatime.json.gz", "is not a snapshot key (raw/date=YYYY-MM-DD/"),
+    ],
+)
+def test_a_key_that_names_no_snapshot_time_is_refused(key: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        raw.measured_at_of(key)
+    assert raw.key_time(key) is None
 
 
 def test_land_writes_the_payload_unchanged_once(s3, sample_bytes: bytes) -> None:

@@ -23,7 +23,7 @@ from trafficwatch.lake.geometry import GEOMETRY_TYPE
 from trafficwatch.lake.schema import OBSERVATIONS, SCHEMAS, SEGMENT_ATTRIBUTES, UTC_US
 from trafficwatch.lake.validation import dedupe, validate
 from trafficwatch.payloads import SnapshotRules, SourceError, check_plausible, normalize_payload
-from trafficwatch.raw import RawObject, key_time
+from trafficwatch.raw import RawObject, key_time, measured_at_of
 
 
 @dataclass
@@ -95,9 +95,10 @@ def collapse_versions(versions: pl.DataFrame, by: str = "fingerprint") -> pl.Dat
 
 def _read_object(obj: RawObject, compressed: bytes, rules: SnapshotRules) -> tuple[datetime, pl.DataFrame]:
     """One raw object as a normalized frame, or SourceError (with the body to keep) saying why it cannot be."""
-    keyed_at = key_time(obj.key)
-    if keyed_at is None:
-        raise SourceError(f"{obj.key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ.json.gz)")
+    try:
+        keyed_at = measured_at_of(obj.key)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
     try:
         body = gunzip(compressed)
     except (OSError, EOFError, zlib.error) as exc:
