@@ -127,27 +127,39 @@ def prepare(s3: Any, bucket: str, objects: list[RawObject], rules: SnapshotRules
     its body (for quarantine); it never stops the others.
     """
     with ThreadPoolExecutor(max_workers=4) as pool:  # downloads wait on the network, not the CPU
-        bodies = list(pool.map(lambda obj: _download(s3, bucket, obj), objects))
-    observations, versions, rejected, counts = [], [], [], []
-    for obj, compressed in zip(objects, bodies, strict=True):
+        bodies = {
+            obj.key: body
+            for obj, body in zip(objects, pool.map(lambda o: _download(s3, bucket, o), objects), strict=True)
+        }
+    counts: dict[str, ObjectCounts] = {}
+    frames: list[pl.DataFrame] = []
+    for obj in objects:
         try:
-            measured_at, frame = _read_object(obj, compressed, rules)
-            accepted, bad = validate(frame)
-            unique, dropped = dedupe(accepted)
-        except SourceError as error:
-            counts.append(ObjectCounts(obj, key_time(obj.key), error=error.reason, body=error.body or compressed))
+            measured_at, frame = _read_object(obj, bodies[obj.key], rules)
+        except Exception as exc:  # SourceError, or whatever else a payload can do: keep it, name it, go on
+            counts[obj.key] = _refused(obj, bodies[obj.key], exc)
             continue
-        except Exception as exc:  # whatever else a payload can do: keep it, name it, go on
-            reason = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            counts.append(ObjectCounts(obj, key_time(obj.key), error=reason, body=compressed))
-            continue
-        duplicates = int(dropped["duplicate_rows"].sum()) if dropped.height else 0
-        counts.append(ObjectCounts(obj, measured_at, frame.height, unique.height, bad.height, duplicates))
-        unique = unique.with_columns(
-            pl.col("measured_at").dt.date().alias("measured_date"),
-            pl.col("geometry").alias("geometry_geojson"),
-            GEOMETRY_TYPE.alias("geometry_type"),
-        ).with_columns(FINGERPRINT.alias("fingerprint"))
+        counts[obj.key] = ObjectCounts(obj, measured_at, records=frame.height)
+        frames.append(frame)
+    checked = []
+    for batch in _batches(frames):
+        try:
+            checked.append(_checked(pl.concat(batch)))
+        except Exception:  # one object's rows broke the batch: check them one at a time, to refuse it alone
+            for frame in batch:
+                key = frame["source_key"][0]
+                try:
+                    checked.append(_checked(frame))
+                except Exception as exc:
+                    counts[key] = _refused(counts[key].obj, bodies[key], exc)
+    observations, versions, rejected = [], [], []
+    for unique, bad, dropped in checked:
+        for key, rows in unique.group_by("source_key").len().rows():
+            counts[key].accepted = rows
+        for key, rows in bad.group_by("source_key").len().rows():
+            counts[key].rejected = rows
+        for key, rows in dropped.rows():
+            counts[key].duplicates = rows
         observations.append(unique.select(PREPARED_COLUMNS))
         versions.append(unique.select(VERSION_COLUMNS))
         if bad.height:
@@ -157,8 +169,40 @@ def prepare(s3: Any, bucket: str, objects: list[RawObject], rules: SnapshotRules
         observations=pl.concat(observations) if observations else pl.DataFrame(schema=obs_schema),
         versions=collapse_versions(pl.concat(versions)) if versions else pl.DataFrame(),
         rejected=pl.concat(rejected, how="vertical_relaxed") if rejected else pl.DataFrame(),
-        counts=counts,
+        counts=list(counts.values()),
     )
+
+
+def _refused(obj: RawObject, compressed: bytes, exc: Exception) -> ObjectCounts:
+    """The counts of an object that cannot be merged: the reason, and the body to quarantine."""
+    if isinstance(exc, SourceError):
+        return ObjectCounts(obj, key_time(obj.key), error=exc.reason, body=exc.body or compressed)
+    reason = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return ObjectCounts(obj, key_time(obj.key), error=reason, body=compressed)
+
+
+def _batches(frames: list[pl.DataFrame]) -> Iterator[list[pl.DataFrame]]:
+    """Consecutive frames with the same columns and types, to be checked as one.
+
+    Validation and deduplication work row by row, so checking a batch gives each object's rows what
+    checking it alone would; one polars query for 24 snapshots costs a third of 24 queries. A snapshot
+    whose values came with other types (a column of nulls, numbers sent as text) starts a batch of its own.
+    """
+    for _, group in itertools.groupby(frames, key=lambda frame: frame.schema):
+        yield list(group)
+
+
+def _checked(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Rows of one or more snapshots validated and deduplicated: (accepted rows with the columns a merge
+    needs, rejected rows, duplicate rows dropped per source_key)."""
+    accepted, bad = validate(frame)
+    unique, dropped = dedupe(accepted)
+    unique = unique.with_columns(
+        pl.col("measured_at").dt.date().alias("measured_date"),
+        pl.col("geometry").alias("geometry_geojson"),
+        GEOMETRY_TYPE.alias("geometry_type"),
+    ).with_columns(FINGERPRINT.alias("fingerprint"))
+    return unique, bad, dropped
 
 
 _worker_s3: Any = None
