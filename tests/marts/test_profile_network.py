@@ -13,6 +13,7 @@ import pytest
 
 from tests.marts.fixtures import assert_same_marts, comparable, pipeline_settings
 from tests.marts.handmade import HandmadeLake, Segment, row_of, utc
+from trafficwatch.errors import DataTestsFailed
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +63,20 @@ def test_an_incremental_profile_equals_a_full_refresh_as_the_network_changes(s3_
     assert monday["sample_count"] == 3
     directions = set(profile.filter(road_name="Route Nord", day_of_week=1, hour_of_day=10)["direction"])
     assert directions == {"D", "G"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=DataTestsFailed,
+    reason="known defect: road_reliability_daily divides a past day's travel time (its road directions as they "
+    "were that day) by the free-flow travel time of the road's directions in the current network; a road that "
+    "became divided has no current 'both' direction, so its past days get a null index and the guard fails",
+)
+def test_a_road_that_becomes_divided_keeps_the_reliability_of_its_past_days(s3_server, sample_bytes, tmp_path) -> None:
+    handmade = HandmadeLake(pipeline_settings(s3_server, tmp_path), sample_bytes)
+    handmade.land({utc(2024, 8, 26, 8, m): network(S1, S2) for m in (0, 5)})
+    handmade.build()
+    handmade.land({utc(2024, 8, 27, 8): network(S1, S2, Segment("S4_D", "Rue Simple", 50, 48.120))})
+    marts = handmade.build(full_refresh=True)
+    monday = row_of(marts["road_reliability_daily"], road_name="Rue Simple", direction="both")
+    assert monday["travel_time_index"] is not None
