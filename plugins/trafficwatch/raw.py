@@ -36,13 +36,16 @@ def raw_key(measured_at: datetime) -> str:
 
 def measured_at_of(key: str) -> datetime:
     """The snapshot time a raw key stands for (the inverse of `raw_key`); ValueError if it stands for none."""
+    not_a_key = ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})")
     match = RAW_KEY.fullmatch(key)
-    try:
-        day, stamp = match.groups() if match else ("", "")
+    if match is None:
+        raise not_a_key
+    day, stamp = match.groups()
+    try:  # the digits may still name no date (month 13)
         measured_at = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         partition = date.fromisoformat(day)
     except ValueError:
-        raise ValueError(f"{key} is not a snapshot key (raw/date=YYYY-MM-DD/YYYYMMDDTHHMMSSZ{RAW_SUFFIX})") from None
+        raise not_a_key from None
     # A copy under another day's partition names the same minute as its twin: merged side by side, every
     # row would be there twice. Only the partition of the snapshot's own UTC day stands for it.
     if partition != measured_at.date():
